@@ -1,0 +1,25 @@
+"""jaxnorm: normalization layers for JAX as pure functions over explicit state, with Flax wrappers.
+
+Functional API (pure, jit/vmap/grad-safe); state is plain dicts that drop into Flax's
+"params" / "batch_stats" collections. See README.md for the PyTorch mapping and tolerances.
+"""
+
+from jaxnorm._batch_norm import batch_norm, batch_norm_init
+from jaxnorm._group_norm import group_norm, group_norm_init
+from jaxnorm._instance_norm import instance_norm, instance_norm_init
+from jaxnorm._layer_norm import layer_norm, layer_norm_init, rms_norm, rms_norm_init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_init",
+    "group_norm",
+    "group_norm_init",
+    "instance_norm",
+    "instance_norm_init",
+    "layer_norm",
+    "layer_norm_init",
+    "rms_norm",
+    "rms_norm_init",
+]

@@ -1,0 +1,136 @@
+"""Batch normalization (torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm) as pure functions.
+
+State (dicts, ready for Flax's "params" / "batch_stats" collections)::
+
+    params      = {"scale": (C,) dtype, "bias": (C,) dtype}              # {} when affine=False
+    batch_stats = {"mean": (C,) float, "var": (C,) float, "count": () int32}  # {} when not tracked
+
+``count`` mirrors PyTorch's ``num_batches_tracked``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnorm import _core
+
+Array = jax.Array
+_LAYER = "batch_norm"
+
+
+def batch_norm_init(
+    num_features: int,
+    *,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    dtype: Any = jnp.float32,
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0."""
+    c = _check_num_features(num_features, "batch_norm_init")
+    params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
+    stats = running_stats_init(c, dtype) if track_running_stats else {}
+    return params, stats
+
+
+def running_stats_init(num_features: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    stats_dtype = _core.stats_dtype(dtype)
+    return {
+        "mean": jnp.zeros((num_features,), stats_dtype),
+        "var": jnp.ones((num_features,), stats_dtype),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def _check_num_features(num_features: Any, where: str) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{where}: `num_features` must be a positive int, got {num_features!r}.")
+    return num_features
+
+
+def check_channel_state(params: Any, batch_stats: Any, c: int, layer: str, init: str) -> None:
+    """Validate (params, batch_stats) of a per-channel layer against ``c`` channels."""
+    fix = f"Create matching state with jaxnorm.{init}({c}, ...)."
+    if isinstance(params, dict) and params:
+        _core.check_state(
+            params, {"scale": ((c,), "float"), "bias": ((c,), "float")}, arg="params", layer=layer, fix=fix
+        )
+    else:
+        _core.check_state(params, {}, arg="params", layer=layer, fix=fix)
+    if isinstance(batch_stats, dict) and batch_stats:
+        _core.check_state(
+            batch_stats,
+            {"mean": ((c,), "float"), "var": ((c,), "float"), "count": ((), "int")},
+            arg="batch_stats",
+            layer=layer,
+            fix=fix,
+        )
+    else:
+        _core.check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
+
+
+def batch_norm(
+    params: dict[str, Array],
+    batch_stats: dict[str, Array],
+    x: Array,
+    *,
+    training: bool,
+    axis: int = 1,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    mask: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Batch normalization over every axis except ``axis``; returns ``(y, new_batch_stats)``.
+
+    PyTorch semantics: in training (or with no running stats) normalize with the biased batch variance and, when
+    ``batch_stats`` is non-empty, update it with ``momentum`` (weight of the new batch; None = cumulative
+    average) using the unbiased variance. In eval mode with running stats, normalize with them and return
+    ``batch_stats`` unchanged. ``axis_name`` averages statistics across a mapped/sharded axis (SyncBatchNorm);
+    ``mask`` (bool, broadcastable to ``x``) excludes positions from the statistics.
+    """
+    training = _core.check_training(training, _LAYER)
+    x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    ax = _core.canonical_axis(axis, x.ndim, _LAYER)
+    c = x.shape[ax]
+    check_channel_state(params, batch_stats, c, _LAYER, "batch_norm_init")
+    eps = _core.check_eps(eps, _LAYER)
+    momentum = _core.check_momentum(momentum, _LAYER)
+    mask = _core.check_mask(mask, x, _LAYER)
+    if mask is not None and mask.shape[ax] != 1:
+        raise ValueError(
+            f"{_LAYER}: `mask` must not vary along the channel axis ({ax}), got mask shape {tuple(mask.shape)}; "
+            "use size 1 on that axis."
+        )
+
+    reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
+    bshape = _core.channel_shape(x.ndim, ax, c)
+    use_batch = training or not batch_stats
+    if use_batch:
+        if training and mask is None and axis_name is None and x.size // c == 1:
+            raise ValueError(
+                f"{_LAYER}: expected more than 1 value per channel when training, got input shape "
+                f"{tuple(x.shape)} (one value per channel along axis={ax}). Use a batch of at least 2, or "
+                "training=False with running statistics."
+            )
+        mean, var, count = _core.moments(
+            x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+        )
+    else:
+        dtype = _core.stats_dtype(x.dtype)
+        mean = batch_stats["mean"].astype(dtype).reshape(bshape)
+        var = batch_stats["var"].astype(dtype).reshape(bshape)
+
+    scale = params["scale"].reshape(bshape) if params else None
+    bias = params["bias"].reshape(bshape) if params else None
+    y = _core.normalize(x, mean, var, eps, scale, bias)
+
+    if training and batch_stats:
+        new_stats = _core.update_running(
+            batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum
+        )
+        return y, new_stats
+    return y, batch_stats

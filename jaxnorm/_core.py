@@ -1,0 +1,271 @@
+"""The one math core every jaxnorm layer calls: moments -> normalize -> affine, plus shared checks.
+
+Nothing here creates parameters or holds state; every function takes everything it needs as arguments.
+Statistics are computed in ``promote_types(x.dtype, float32)`` (float32 for float16/bfloat16/float32 inputs,
+float64 for float64 inputs) with a two-pass algorithm (mean first, then the mean of squared deviations), so a
+channel whose mean is large against its spread loses no digits to ``E[x^2] - E[x]^2`` cancellation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+
+
+def stats_dtype(dtype: Any) -> np.dtype:
+    """dtype statistics are computed in: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_training(training: Any, layer: str) -> bool:
+    if isinstance(training, (bool, np.bool_)):
+        return bool(training)
+    raise TypeError(
+        f"{layer}: `training` must be a Python bool, got {training!r} (type {type(training).__name__}). "
+        "It selects the code path at trace time, so it cannot be a traced value: pass True/False, or mark it "
+        "static, e.g. jax.jit(f, static_argnames='training')."
+    )
+
+
+def check_input(x: Any, layer: str, *, min_ndim: int, what: str) -> Array:
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{layer}: `x` must be a JAX or NumPy array, got {type(x).__name__}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: `x` must have a floating-point dtype, got {x.dtype}. "
+            "Cast it first, e.g. x.astype(jnp.float32)."
+        )
+    if x.ndim < min_ndim:
+        raise ValueError(f"{layer}: `x` must have {what}, got shape {tuple(x.shape)} (rank {x.ndim}).")
+    return jnp.asarray(x)
+
+
+def canonical_axis(axis: Any, ndim: int, layer: str, *, name: str = "axis") -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{layer}: `{name}` must be an int, got {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{layer}: `{name}`={axis} is out of range for an input of rank {ndim}; use a value in [{-ndim}, {ndim})."
+        )
+    return int(axis) % ndim
+
+
+def check_eps(eps: Any, layer: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{layer}: `eps` must be a Python float > 0, got {eps!r}.")
+    if not eps > 0:
+        raise ValueError(f"{layer}: `eps` must be > 0, got {eps!r}; PyTorch's default is 1e-5.")
+    return float(eps)
+
+
+def check_momentum(momentum: Any, layer: str) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{layer}: `momentum` must be a float in [0, 1] or None, got {momentum!r}.")
+    if not 0.0 <= momentum <= 1.0:
+        hint = ""
+        if momentum > 1.0:
+            hint = " (it looks like a percentage)"
+        raise ValueError(
+            f"{layer}: `momentum` must be in [0, 1] or None (cumulative average), got {momentum!r}{hint}. "
+            "jaxnorm uses PyTorch's convention: momentum is the weight of the NEW batch, "
+            "new = (1 - momentum) * old + momentum * batch; PyTorch's default is 0.1."
+        )
+    return float(momentum)
+
+
+def check_state(
+    state: Any,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    arg: str,
+    layer: str,
+    fix: str,
+) -> None:
+    """Check that ``state`` is a dict with exactly ``expected`` keys, shapes and dtype kinds.
+
+    ``expected`` maps key -> (shape, kind) with kind "float" or "int". An empty ``expected`` means ``{}``.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{layer}: `{arg}` must be a dict, got {type(state).__name__}. {fix}")
+    want = {k: (shape, kind) for k, (shape, kind) in expected.items()}
+    got_keys, want_keys = sorted(state.keys()), sorted(want.keys())
+    if got_keys != want_keys:
+        raise ValueError(
+            f"{layer}: `{arg}` has keys {got_keys} but this layer expects {want_keys}. {fix}"
+        )
+    for key, (shape, kind) in want.items():
+        value = state[key]
+        vshape = tuple(getattr(value, "shape", ()))
+        vdtype = getattr(value, "dtype", None)
+        if vshape != tuple(shape):
+            raise ValueError(
+                f"{layer}: `{arg}['{key}']` has shape {vshape} but the input needs {tuple(shape)}. {fix}"
+            )
+        ok = vdtype is not None and (
+            jnp.issubdtype(vdtype, jnp.floating) if kind == "float" else jnp.issubdtype(vdtype, jnp.integer)
+        )
+        if not ok:
+            want_kind = "a floating-point" if kind == "float" else "an integer"
+            raise TypeError(f"{layer}: `{arg}['{key}']` must have {want_kind} dtype, got {vdtype}. {fix}")
+
+
+def normalized_shape_tuple(normalized_shape: Any, layer: str) -> tuple[int, ...]:
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
+        shape = (int(normalized_shape),)
+    elif isinstance(normalized_shape, Sequence) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in normalized_shape
+    ):
+        shape = tuple(int(d) for d in normalized_shape)
+    else:
+        raise TypeError(
+            f"{layer}: `normalized_shape` must be an int or a tuple of ints, got {normalized_shape!r}."
+        )
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"{layer}: `normalized_shape` must be non-empty with positive sizes, got {shape}.")
+    return shape
+
+
+def check_trailing_shape(x: Array, normalized_shape: tuple[int, ...], layer: str) -> None:
+    k = len(normalized_shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != normalized_shape:
+        raise ValueError(
+            f"{layer}: `normalized_shape`={normalized_shape} must equal the trailing dims of `x`, but x has shape "
+            f"{tuple(x.shape)}. Normalize the last {k} dim(s) of an input whose shape ends in {normalized_shape}, "
+            "or move the axes to the end first (jnp.moveaxis)."
+        )
+
+
+def check_mask(mask: Any, x: Array, layer: str) -> Array | None:
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{layer}: `mask` must be a boolean array (True = use this value), got dtype {mask.dtype}.")
+    if mask.ndim != x.ndim or any(m not in (1, d) for m, d in zip(mask.shape, x.shape)):
+        raise ValueError(
+            f"{layer}: `mask` has shape {tuple(mask.shape)}, which does not broadcast to x's shape "
+            f"{tuple(x.shape)}; give it x's rank with size-1 dims where it is shared, e.g. "
+            f"{(x.shape[0],) + (1,) * (x.ndim - 1)} for one flag per example."
+        )
+    return mask
+
+
+# --------------------------------------------------------------------------------------------- math
+
+
+def moments(
+    x: Array,
+    reduction_axes: Sequence[int],
+    *,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Mean, biased variance and element count over ``reduction_axes`` (kept as size-1 dims).
+
+    Two-pass and computed in ``stats_dtype(x.dtype)``. With ``mask`` only the True positions count. With
+    ``axis_name`` the per-device (count, mean, M2) triples are combined exactly (Chan et al.) after ONE
+    ``all_gather`` of all statistics together, so uneven per-device counts are weighted correctly.
+    Returns ``(mean, var, count)``; ``count`` broadcasts against ``mean`` and is float.
+    """
+    axes = tuple(reduction_axes)
+    dtype = stats_dtype(x.dtype)
+    xf = x.astype(dtype)
+    if mask is None:
+        n = float(np.prod([x.shape[a] for a in axes])) if axes else 1.0
+        count = jnp.full((1,) * x.ndim, n, dtype)
+        mean = jnp.mean(xf, axes, keepdims=True)
+        m2 = jnp.sum(jnp.square(xf - mean), axes, keepdims=True)
+    else:
+        maskb = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(maskb, axes, keepdims=True, dtype=dtype)
+        safe = jnp.maximum(count, 1)
+        mean = jnp.sum(jnp.where(maskb, xf, 0), axes, keepdims=True) / safe
+        m2 = jnp.sum(jnp.where(maskb, jnp.square(xf - mean), 0), axes, keepdims=True)
+    if axis_name is not None:
+        count = jnp.broadcast_to(count, mean.shape)
+        stacked = jax.lax.all_gather(
+            jnp.stack([count, mean, m2]), axis_name, axis_index_groups=axis_index_groups
+        )
+        counts, means, m2s = stacked[:, 0], stacked[:, 1], stacked[:, 2]
+        count = jnp.sum(counts, 0)
+        safe = jnp.maximum(count, 1)
+        mean = jnp.sum(counts * means, 0) / safe
+        m2 = jnp.sum(m2s + counts * jnp.square(means - mean), 0)
+    var = m2 / jnp.maximum(count, 1)
+    return mean, jnp.maximum(var, 0), count
+
+
+def mean_square(x: Array, reduction_axes: Sequence[int]) -> Array:
+    """Mean of ``x**2`` over ``reduction_axes`` (kept), in ``stats_dtype(x.dtype)`` (RMSNorm's statistic)."""
+    xf = x.astype(stats_dtype(x.dtype))
+    return jnp.mean(jnp.square(xf), tuple(reduction_axes), keepdims=True)
+
+
+def normalize(
+    x: Array,
+    mean: Array | None,
+    var: Array,
+    eps: float,
+    scale: Array | None = None,
+    bias: Array | None = None,
+) -> Array:
+    """``(x - mean) * rsqrt(var + eps) * scale + bias`` in the statistics dtype, returned in ``x.dtype``.
+
+    ``mean``/``var``/``scale``/``bias`` must already broadcast against ``x`` at equal rank; ``mean=None``
+    skips centring (RMSNorm). The per-element work is one subtract and one fused multiply-add.
+    """
+    dtype = var.dtype
+    mul = jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
+    if scale is not None:
+        mul = mul * scale.astype(dtype)
+    xf = x.astype(dtype)
+    if mean is not None:
+        xf = xf - mean
+    y = xf * mul
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y.astype(x.dtype)
+
+
+def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
+    """Shape that broadcasts a (size,) per-channel vector along ``axis`` of a rank-``ndim`` array."""
+    return tuple(size if i == axis else 1 for i in range(ndim))
+
+
+def update_running(
+    batch_stats: Mapping[str, Array],
+    batch_mean: Array,
+    batch_var: Array,
+    count: Array,
+    momentum: float | None,
+) -> dict[str, Array]:
+    """PyTorch's running-statistics update from per-channel batch statistics.
+
+    ``momentum`` is the weight of the new batch; ``None`` is the cumulative average over ``count`` batches.
+    The running variance takes the unbiased batch variance ``var * n / (n - 1)``.
+    """
+    new_count = batch_stats["count"] + 1
+    dtype = batch_stats["mean"].dtype
+    if momentum is None:
+        factor = 1.0 / new_count.astype(dtype)
+    else:
+        factor = jnp.asarray(momentum, dtype)
+    unbiased = batch_var * (count / (count - 1))
+    mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
+    var = (1 - factor) * batch_stats["var"] + factor * unbiased.astype(dtype)
+    return {"mean": mean.astype(dtype), "var": var.astype(dtype), "count": new_count}
