@@ -155,7 +155,7 @@ def check_mask(mask: Any, x: Array, layer: str) -> Array | None:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{layer}: `mask` must be a boolean array (True = use this value), got dtype {mask.dtype}.")
-    if mask.ndim != x.ndim or any(m not in (1, d) for m, d in zip(mask.shape, x.shape)):
+    if mask.ndim != x.ndim or any(m not in (1, d) for m, d in zip(mask.shape, x.shape, strict=True)):
         raise ValueError(
             f"{layer}: `mask` has shape {tuple(mask.shape)}, which does not broadcast to x's shape "
             f"{tuple(x.shape)}; give it x's rank with size-1 dims where it is shared, e.g. "
@@ -185,17 +185,26 @@ def moments(
     axes = tuple(reduction_axes)
     dtype = stats_dtype(x.dtype)
     xf = x.astype(dtype)
+    # Corrected two-pass (Chan, Golub & LeVeque): a first-pass mean m, then sum(d) and sum(d^2) of d = x - m
+    # in one fused pass; sum(d) repairs the rounding error of m itself, which matters when |mean| >> std.
     if mask is None:
         n = float(np.prod([x.shape[a] for a in axes])) if axes else 1.0
         count = jnp.full((1,) * x.ndim, n, dtype)
-        mean = jnp.mean(xf, axes, keepdims=True)
-        m2 = jnp.sum(jnp.square(xf - mean), axes, keepdims=True)
+        shift = jnp.mean(xf, axes, keepdims=True)
+        d = xf - shift
+        s1 = jnp.sum(d, axes, keepdims=True)
+        s2 = jnp.sum(jnp.square(d), axes, keepdims=True)
     else:
         maskb = jnp.broadcast_to(mask, x.shape)
         count = jnp.sum(maskb, axes, keepdims=True, dtype=dtype)
         safe = jnp.maximum(count, 1)
-        mean = jnp.sum(jnp.where(maskb, xf, 0), axes, keepdims=True) / safe
-        m2 = jnp.sum(jnp.where(maskb, jnp.square(xf - mean), 0), axes, keepdims=True)
+        shift = jnp.sum(jnp.where(maskb, xf, 0), axes, keepdims=True) / safe
+        d = jnp.where(maskb, xf - shift, 0)
+        s1 = jnp.sum(d, axes, keepdims=True)
+        s2 = jnp.sum(jnp.square(d), axes, keepdims=True)
+    safe = jnp.maximum(count, 1)
+    mean = shift + s1 / safe
+    m2 = s2 - jnp.square(s1) / safe
     if axis_name is not None:
         count = jnp.broadcast_to(count, mean.shape)
         stacked = jax.lax.all_gather(

@@ -1,0 +1,203 @@
+"""Closed-form cases, numerics, dtypes and JAX transforms of the functional API."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm
+from tests import registry
+
+# ------------------------------------------------------------------ the classic tutorials' worked examples
+
+
+@pytest.mark.parametrize("spatial", [(), (2,), (2, 3)], ids=["1d", "2d", "3d"])
+def test_tutorial_running_stats_momentum_03(spatial):
+    """Feature k is the constant k, batch 3, momentum 0.3: mean 0.3k then 0.51k; var 0.7 then 0.49."""
+    c = 4
+    x = jnp.broadcast_to(jnp.arange(1, c + 1, dtype=jnp.float32).reshape((1, c) + (1,) * len(spatial)),
+                         (3, c) + spatial)
+    params, stats = jaxnorm.batch_norm_init(c)
+    _, stats = jaxnorm.batch_norm(params, stats, x, training=True, momentum=0.3)
+    np.testing.assert_allclose(stats["mean"], 0.3 * np.arange(1, c + 1), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.7, rtol=1e-6)
+    _, stats = jaxnorm.batch_norm(params, stats, x, training=True, momentum=0.3)
+    np.testing.assert_allclose(stats["mean"], 0.51 * np.arange(1, c + 1), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.49, rtol=1e-6)
+    assert int(stats["count"]) == 2
+
+
+def test_tutorial_layer_norm_two_channels():
+    x = jnp.stack([jnp.ones((3, 4)), 2 * jnp.ones((3, 4))])[None]  # (1, 2, 3, 4)
+    y = jaxnorm.layer_norm(jaxnorm.layer_norm_init((2, 3, 4)), x, normalized_shape=(2, 3, 4))
+    np.testing.assert_allclose(y[0, 0], -1, atol=1e-4)
+    np.testing.assert_allclose(y[0, 1], 1, atol=1e-4)
+
+
+def test_tutorial_instance_norm_constant_maps():
+    x = jnp.arange(1.0, 7.0).reshape(2, 3, 1, 1) * jnp.ones((2, 3, 4, 5))
+    y, _ = jaxnorm.instance_norm({}, {}, x, training=True)
+    np.testing.assert_array_equal(y, 0.0)
+
+
+def test_tutorial_group_norm_two_groups():
+    x = jnp.arange(1.0, 5.0).reshape(1, 4, 1, 1) * jnp.ones((1, 4, 2, 2))
+    y = jaxnorm.group_norm({}, x, num_groups=2, eps=1e-12)
+    np.testing.assert_allclose(y[0, :, 0, 0], [-1, 1, -1, 1], atol=1e-5)
+
+
+# ------------------------------------------------------------------ closed-form running statistics
+
+
+def test_momentum_none_is_cumulative_average():
+    params, stats = jaxnorm.batch_norm_init(2, affine=False)
+    batches = [np.random.default_rng(i).normal(size=(5, 2)) + i for i in range(4)]
+    for xb in batches:
+        _, stats = jaxnorm.batch_norm(params, stats, jnp.asarray(xb, jnp.float32), training=True, momentum=None)
+    # cumulative average of the batch means (and of the unbiased batch variances), initial state included 0 times
+    np.testing.assert_allclose(stats["mean"], np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], np.mean([b.var(0, ddof=1) for b in batches], 0), rtol=1e-5)
+
+
+def test_eval_mode_does_not_move_statistics_and_uses_them():
+    params, stats = jaxnorm.batch_norm_init(3)
+    stats = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 1.0, 0.25]), "count": jnp.array(7, jnp.int32)}
+    x = jnp.ones((2, 3))
+    y, new = jaxnorm.batch_norm(params, stats, x, training=False, eps=1e-12)
+    assert new is stats
+    np.testing.assert_allclose(y, np.broadcast_to((1 - np.array([1, 2, 3])) / np.array([2, 1, 0.5]), (2, 3)), rtol=1e-6)
+
+
+def test_no_running_stats_normalizes_with_batch_stats_in_eval():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)) * 3 + 1, jnp.float32)
+    y, stats = jaxnorm.batch_norm({}, {}, x, training=False)
+    assert stats == {}
+    np.testing.assert_allclose(np.mean(y, 0), 0, atol=1e-6)
+    np.testing.assert_allclose(np.var(y, 0), 1, atol=1e-4)
+
+
+# ------------------------------------------------------------------ numerics and dtypes
+
+
+@pytest.mark.parametrize("loc", [1e4, 1e6])
+def test_large_mean_small_spread_is_stable(loc):
+    """Float32 with mean >> std: E[x^2]-E[x]^2 would lose every digit; two-pass keeps unit variance."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(loc + rng.normal(size=(256, 4)), jnp.float32)
+    y, _ = jaxnorm.batch_norm({}, {}, x, training=True)
+    # the input itself only resolves deviations to ulp(loc); the result must match the float64 ground truth
+    xd = np.asarray(x, np.float64)
+    ref = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
+    np.testing.assert_allclose(np.var(np.asarray(y, np.float64), 0), 1, atol=1e-3)
+    np.testing.assert_allclose(y, ref, atol=2e-3 if loc == 1e4 else 5e-2)
+
+
+def test_constant_channel_gives_zero_and_finite_grads():
+    x = jnp.full((4, 3, 5), 2.5, jnp.float32)
+    params, stats = jaxnorm.batch_norm_init(3)
+    y, _ = jaxnorm.batch_norm(params, stats, x, training=True)
+    np.testing.assert_array_equal(y, 0)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(jaxnorm.batch_norm(params, stats, x, training=True)[0])))(x)
+    assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name,ctor,shape", registry.LAYERS, ids=[t[0] for t in registry.LAYERS])
+def test_output_dtype_matches_input_and_stats_stay_float(name, ctor, shape, dtype):
+    built = registry.build(name, ctor, jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), dtype)
+    y, stats = built.apply(built.params, built.batch_stats, x, training=True)
+    assert y.dtype == dtype
+    for k in ("mean", "var"):
+        if stats:
+            assert stats[k].dtype == jnp.float32
+    ref, _ = built.apply(built.params, built.batch_stats, x.astype(jnp.float64), training=True)
+    tol = {jnp.float16: 5e-3, jnp.bfloat16: 3e-2, jnp.float32: 1e-5, jnp.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol * 4, rtol=tol)
+
+
+# ------------------------------------------------------------------ transforms
+
+
+@pytest.mark.parametrize("name,ctor,shape", registry.LAYERS, ids=[t[0] for t in registry.LAYERS])
+def test_jit_compiles_once_and_matches_eager(name, ctor, shape):
+    built = registry.build(name, ctor)
+    traces = []
+
+    @jax.jit
+    def step(params, stats, x):
+        traces.append(1)
+        return built.apply(params, stats, x, training=True)
+
+    rng = np.random.default_rng(0)
+    stats = built.batch_stats
+    for _ in range(3):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        y, stats_new = step(built.params, stats, x)
+        y_eager, _ = built.apply(built.params, stats, x, training=True)
+        np.testing.assert_allclose(y, y_eager, atol=1e-6)
+        stats = stats_new
+    assert len(traces) == 1, "recompiled on a second call with the same shapes"
+
+
+@pytest.mark.parametrize("name,ctor,shape", registry.LAYERS, ids=[t[0] for t in registry.LAYERS])
+def test_grad_matches_finite_differences(name, ctor, shape):
+    built = registry.build(name, ctor, jnp.float64)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=shape))
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape)), built.params)
+    w = jnp.asarray(rng.normal(size=shape))
+
+    def loss(params, x):
+        return jnp.sum(jnp.tanh(built.apply(params, built.batch_stats, x, training=True)[0]) * w)
+
+    gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
+    v = jnp.asarray(rng.normal(size=shape))
+    h = 1e-6
+    fd = (loss(params, x + h * v) - loss(params, x - h * v)) / (2 * h)
+    np.testing.assert_allclose(jnp.vdot(gx, v), fd, rtol=1e-6, atol=1e-8)
+    for k, g in gp.items():
+        dv = jnp.asarray(rng.normal(size=g.shape))
+        plus = {**params, k: params[k] + h * dv}
+        minus = {**params, k: params[k] - h * dv}
+        np.testing.assert_allclose(jnp.vdot(g, dv), (loss(plus, x) - loss(minus, x)) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name,ctor,shape", registry.LAYERS, ids=[t[0] for t in registry.LAYERS])
+def test_vmap_over_an_ensemble_of_layers(name, ctor, shape):
+    """Stacked params/state of E independent layers == a Python loop over them."""
+    built = registry.build(name, ctor)
+    e = 3
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda p: jnp.stack([p + 0.1 * i for i in range(e)]), built.params)
+    stats = jax.tree.map(lambda s: jnp.stack([s] * e), built.batch_stats)
+    xs = jnp.asarray(rng.normal(size=(e,) + shape), jnp.float32)
+    ys, new = jax.vmap(lambda p, s, x: built.apply(p, s, x, training=True))(params, stats, xs)
+    for i in range(e):
+        pi, si, newi = (jax.tree.map(lambda t, i=i: t[i], tree) for tree in (params, stats, new))
+        yi, ni = built.apply(pi, si, xs[i], training=True)
+        np.testing.assert_allclose(ys[i], yi, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), newi, ni)
+
+
+def test_equivalences_between_layers():
+    """LayerNorm over (C,H,W) == GroupNorm(1); InstanceNorm == GroupNorm(C)."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 4, 5, 2)))
+    ln = jaxnorm.layer_norm({}, x, normalized_shape=(4, 5, 2))
+    np.testing.assert_allclose(jaxnorm.group_norm({}, x, num_groups=1), ln, atol=1e-12)
+    inn, _ = jaxnorm.instance_norm({}, {}, x, training=True)
+    np.testing.assert_allclose(jaxnorm.group_norm({}, x, num_groups=4), inn, atol=1e-12)
+
+
+def test_masked_statistics_equal_statistics_of_the_unpadded_batch():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(6, 3, 4)))
+    mask = jnp.asarray([True, True, False, True, False, True]).reshape(6, 1, 1)
+    params, stats = jaxnorm.batch_norm_init(3, dtype=jnp.float64)
+    y, s1 = jaxnorm.batch_norm(params, stats, x, training=True, mask=mask)
+    keep = np.asarray(mask[:, 0, 0])
+    y_ref, s2 = jaxnorm.batch_norm(params, stats, x[keep], training=True)
+    np.testing.assert_allclose(y[keep], y_ref, atol=1e-12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), s1, s2)
