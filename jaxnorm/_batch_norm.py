@@ -83,6 +83,7 @@ def batch_norm(
     axis_name: str | None = None,
     axis_index_groups: Any = None,
     mask: Array | None = None,
+    running_var_unbiased: bool = True,
 ) -> tuple[Array, dict[str, Array]]:
     """Batch normalization over every axis except ``axis``; returns ``(y, new_batch_stats)``.
 
@@ -90,7 +91,8 @@ def batch_norm(
     ``batch_stats`` is non-empty, update it with ``momentum`` (weight of the new batch; None = cumulative
     average) using the unbiased variance. In eval mode with running stats, normalize with them and return
     ``batch_stats`` unchanged. ``axis_name`` averages statistics across a mapped/sharded axis (SyncBatchNorm);
-    ``mask`` (bool, broadcastable to ``x``) excludes positions from the statistics.
+    ``mask`` (bool, broadcastable to ``x``) excludes positions from the statistics. ``running_var_unbiased=False``
+    updates the running variance with the biased batch variance (flax.linen.BatchNorm's behaviour).
     """
     training = _core.check_training(training, _LAYER)
     x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
@@ -130,7 +132,7 @@ def batch_norm(
 
     if training and batch_stats:
         new_stats = _core.update_running(
-            batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum
+            batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum, running_var_unbiased
         )
         return y, new_stats
     return y, batch_stats

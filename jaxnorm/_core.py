@@ -262,11 +262,13 @@ def update_running(
     batch_var: Array,
     count: Array,
     momentum: float | None,
+    unbiased: bool = True,
 ) -> dict[str, Array]:
     """PyTorch's running-statistics update from per-channel batch statistics.
 
     ``momentum`` is the weight of the new batch; ``None`` is the cumulative average over ``count`` batches.
-    The running variance takes the unbiased batch variance ``var * n / (n - 1)``.
+    The running variance takes the unbiased batch variance ``var * n / (n - 1)`` (``unbiased=False``: the biased
+    one, as flax.linen.BatchNorm does).
     """
     new_count = batch_stats["count"] + 1
     dtype = batch_stats["mean"].dtype
@@ -274,7 +276,8 @@ def update_running(
         factor = 1.0 / new_count.astype(dtype)
     else:
         factor = jnp.asarray(momentum, dtype)
-    unbiased = batch_var * (count / (count - 1))
+    if unbiased:
+        batch_var = batch_var * (count / (count - 1))
     mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
-    var = (1 - factor) * batch_stats["var"] + factor * unbiased.astype(dtype)
+    var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(dtype)
     return {"mean": mean.astype(dtype), "var": var.astype(dtype), "count": new_count}
