@@ -1,0 +1,115 @@
+"""Experiments: a smoke run of every experiment, the IDX loader, the training loop, and (slow) full findings."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import EXPERIMENTS, _common, lenet
+from experiments.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert main(["--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_experiment_writes_figures_and_finite_numbers(quick_results):
+    out, results = quick_results
+    assert sorted(results) == sorted(EXPERIMENTS)
+    for name, r in results.items():
+        assert r["figures"], name
+        for fig in r["figures"]:
+            assert (out / fig).stat().st_size > 10_000, f"{name}: {fig} looks empty"
+        numbers = {k: v for k, v in r.items() if k not in ("report", "figures", "data")}
+        assert _common.finite(jax.tree.map(lambda v: v if v is not None else 0.0, numbers)), name
+    report = (out / "report.md").read_text()
+    for r in results.values():
+        for fig in r["figures"]:
+            assert f"]({fig})" in report
+
+
+def test_framework_parity_holds_even_in_the_quick_run(quick_results):
+    rows = quick_results[1]["framework_parity"]["max_abs_difference"]
+    assert rows["float32"]["jaxnorm vs PyTorch"] < 1e-5
+    assert rows["float64"]["jaxnorm vs PyTorch"] < 1e-12
+    assert rows["float32"]["eps=1e-3 (TensorFlow default) vs eps=1e-5"] > 1e-4
+
+
+def test_cli_rejects_unknown_experiment(capsys):
+    with pytest.raises(SystemExit):
+        main(["no_such_experiment"])
+    assert "unknown experiment" in capsys.readouterr().err
+
+
+def _write_idx(path, array, gz=True):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+
+
+def test_idx_loader_reads_fashion_mnist_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {"train": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), "t10k": rng.integers(0, 256, (3, 28, 28),
+                                                                                                 dtype=np.uint8)}
+    labels = {"train": rng.integers(0, 10, 7, dtype=np.uint8), "t10k": rng.integers(0, 10, 3, dtype=np.uint8)}
+    for split in ("train", "t10k"):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images[split])
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels[split])
+    x_train, y_train, x_test, y_test = lenet.load_fashion_mnist(tmp_path)
+    assert x_train.shape == (7, 28, 28, 1) and x_test.shape == (3, 28, 28, 1)
+    np.testing.assert_allclose(x_train[..., 0], images["train"] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(y_test, labels["t10k"])
+    _write_idx(tmp_path / "plain.idx", np.arange(6, dtype=np.int32).reshape(2, 3), gz=False)
+    np.testing.assert_array_equal(lenet.load_idx(tmp_path / "plain.idx"), np.arange(6).reshape(2, 3))
+
+
+def test_idx_loader_errors(tmp_path):
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x01\x02\x08\x01\x00\x00\x00\x02ab"))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        lenet.load_idx(tmp_path / "bad.gz")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(ValueError, match="header says shape"):
+        lenet.load_idx(tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST files missing"):
+        lenet.load_fashion_mnist(tmp_path)
+
+
+def test_training_loop_learns_and_never_recompiles():
+    """The shared jitted train step (optax + TrainState + batch_stats) lowers the loss and compiles once."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+    y = jnp.asarray((x[:, 0] + x[:, 1] > 0).astype(np.int32))
+    model = _common.MLP(hidden=(16,), out=2, use_bn=True)
+    state = _common.create_state(model, jax.random.key(0), x[:2], optax.sgd(0.1))
+    step = _common.make_train_step(_common.cross_entropy)
+    losses = []
+    for _ in range(60):
+        state, loss = step(state, x, y)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    assert step._cache_size() == 1, "the train step recompiled"
+    assert int(state.batch_stats["BatchNorm_0"]["count"]) == 60
+
+
+@pytest.mark.slow
+def test_full_two_circles_and_deep_mlp_findings(tmp_path):
+    from experiments import deep_mlp_scale, two_circles
+
+    deep = deep_mlp_scale.run(tmp_path)
+    assert deep["finding_holds"], deep["report"]
+    assert abs(deep["bn_std_mean"] - deep_mlp_scale.RELU_STD) < 0.03
+    assert deep["default_last_std"] < 1e-10
+    circles = two_circles.run(tmp_path)
+    assert circles["finding_holds"], circles["report"]
+    assert circles["runs"]["BatchNorm"]["final_test_accuracy"] > 0.95
