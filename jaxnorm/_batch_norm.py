@@ -71,6 +71,23 @@ def check_channel_state(params: Any, batch_stats: Any, c: int, layer: str, init:
         _core.check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
 
 
+def _check_virtual_batch(v: Any, x: Array, ax: int, mask: Any, axis_name: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        raise ValueError(f"{_LAYER}: `virtual_batch_size` must be an int >= 2 or None, got {v!r}.")
+    if ax == 0:
+        raise ValueError(f"{_LAYER}: `virtual_batch_size` splits axis 0 (the batch), but `axis` is 0 (the channel).")
+    if x.shape[0] % v:
+        raise ValueError(
+            f"{_LAYER}: `virtual_batch_size`={v} must divide the batch size {x.shape[0]}; use a batch that is a "
+            f"multiple of {v}, or a divisor of {x.shape[0]}."
+        )
+    if mask is not None or axis_name is not None:
+        raise ValueError(f"{_LAYER}: `virtual_batch_size` cannot be combined with `mask` or `axis_name`.")
+    return v
+
+
 def batch_norm(
     params: dict[str, Array],
     batch_stats: dict[str, Array],
@@ -84,6 +101,7 @@ def batch_norm(
     axis_index_groups: Any = None,
     mask: Array | None = None,
     running_var_unbiased: bool = True,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Batch normalization over every axis except ``axis``; returns ``(y, new_batch_stats)``.
 
@@ -93,6 +111,9 @@ def batch_norm(
     ``batch_stats`` unchanged. ``axis_name`` averages statistics across a mapped/sharded axis (SyncBatchNorm);
     ``mask`` (bool, broadcastable to ``x``) excludes positions from the statistics. ``running_var_unbiased=False``
     updates the running variance with the biased batch variance (flax.linen.BatchNorm's behaviour).
+    ``virtual_batch_size`` (ghost batch norm, Hoffer et al. 2017): in training, split the batch (axis 0) into
+    consecutive sub-batches of that size and normalize each with its own statistics; the running statistics get one
+    update with the average of the sub-batch means and (unbiased) variances, as Keras does.
     """
     training = _core.check_training(training, _LAYER)
     x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
@@ -111,6 +132,7 @@ def batch_norm(
     reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
     bshape = _core.channel_shape(x.ndim, ax, c)
     use_batch = training or not batch_stats
+    ghost = _check_virtual_batch(virtual_batch_size, x, ax, mask, axis_name) if training else None
     if use_batch:
         if training and mask is None and axis_name is None and x.size // c == 1:
             raise ValueError(
@@ -118,17 +140,27 @@ def batch_norm(
                 f"{tuple(x.shape)} (one value per channel along axis={ax}). Use a batch of at least 2, or "
                 "training=False with running statistics."
             )
-        mean, var, count = _core.moments(
-            x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-        )
+        if ghost:
+            # (N, ...) -> (N / v, v, ...): statistics per sub-batch, broadcast back over its rows
+            xg = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
+            gmean, gvar, count = _core.moments(xg, tuple(i + 1 for i in reduction_axes))
+            y_ghost = _core.normalize(xg, gmean, gvar, eps, *(
+                None if not params else params[k].reshape((1,) + bshape) for k in ("scale", "bias")))
+            y = y_ghost.reshape(x.shape)
+            mean, var = jnp.mean(gmean, 0), jnp.mean(gvar, 0)
+        else:
+            mean, var, count = _core.moments(
+                x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+            )
     else:
         dtype = _core.stats_dtype(x.dtype)
         mean = batch_stats["mean"].astype(dtype).reshape(bshape)
         var = batch_stats["var"].astype(dtype).reshape(bshape)
 
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
-    y = _core.normalize(x, mean, var, eps, scale, bias)
+    if not ghost:
+        scale = params["scale"].reshape(bshape) if params else None
+        bias = params["bias"].reshape(bshape) if params else None
+        y = _core.normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         new_stats = _core.update_running(

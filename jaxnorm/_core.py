@@ -177,9 +177,9 @@ def moments(
 ) -> tuple[Array, Array, Array]:
     """Mean, biased variance and element count over ``reduction_axes`` (kept as size-1 dims).
 
-    Two-pass and computed in ``stats_dtype(x.dtype)``. With ``mask`` only the True positions count. With
-    ``axis_name`` the per-device (count, mean, M2) triples are combined exactly (Chan et al.) after ONE
-    ``all_gather`` of all statistics together, so uneven per-device counts are weighted correctly.
+    Corrected two-pass, computed in ``stats_dtype(x.dtype)``. With ``mask`` only the True positions count. With
+    ``axis_name`` the per-device (count, mean, M2) triples are combined exactly (Chan et al.) after ONE collective
+    (a ``psum`` that gathers them) for all statistics together, so uneven per-device counts are weighted correctly.
     Returns ``(mean, var, count)``; ``count`` broadcasts against ``mean`` and is float.
     """
     axes = tuple(reduction_axes)
@@ -207,16 +207,37 @@ def moments(
     m2 = s2 - jnp.square(s1) / safe
     if axis_name is not None:
         count = jnp.broadcast_to(count, mean.shape)
-        stacked = jax.lax.all_gather(
-            jnp.stack([count, mean, m2]), axis_name, axis_index_groups=axis_index_groups
-        )
-        counts, means, m2s = stacked[:, 0], stacked[:, 1], stacked[:, 2]
-        count = jnp.sum(counts, 0)
-        safe = jnp.maximum(count, 1)
-        mean = jnp.sum(counts * means, 0) / safe
-        m2 = jnp.sum(m2s + counts * jnp.square(means - mean), 0)
+        # One collective for all statistics: each device writes its (count, mean, M2) into its own slot and a psum
+        # gathers them (unlike all_gather, psum's result is known to be replicated, so shard_map's checks pass).
+        # With axis_index_groups the slots of devices outside this device's group are zeroed afterwards (a static
+        # membership table), which works under shard_map, vmap and jit alike.
+        size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+        mine = jnp.stack([count, mean, m2])
+        lift = lambda v: v.reshape(v.shape + (1,) * mine.ndim)
+        stacked = jax.lax.psum(lift(jax.nn.one_hot(index, size, dtype=dtype)) * mine[None], axis_name)
+        if axis_index_groups is not None:
+            stacked = stacked * lift(jnp.asarray(_group_membership(axis_index_groups, size), dtype)[index])
+        counts, means, m2s = stacked[:, 0], stacked[:, 1], stacked[:, 2]  # each (devices, *mean.shape)
+        count = jnp.sum(counts, 0, keepdims=True)
+        mean = jnp.sum(counts * means, 0, keepdims=True) / jnp.maximum(count, 1)
+        m2 = jnp.sum(m2s + counts * jnp.square(means - mean), 0, keepdims=True)
+        count, mean, m2 = count[0], mean[0], m2[0]
     var = m2 / jnp.maximum(count, 1)
     return mean, jnp.maximum(var, 0), count
+
+
+def _group_membership(groups: Any, size: int) -> np.ndarray:
+    """(size, size) table: row i marks the devices in device i's group; the groups must partition range(size)."""
+    table = np.zeros((size, size))
+    flat = sorted(int(i) for g in groups for i in g)
+    if flat != list(range(size)):
+        raise ValueError(
+            f"`axis_index_groups`={groups!r} must split the {size} devices of the axis into disjoint groups that "
+            f"cover each index 0..{size - 1} exactly once."
+        )
+    for g in groups:
+        table[np.ix_(list(g), list(g))] = 1
+    return table
 
 
 def mean_square(x: Array, reduction_axes: Sequence[int]) -> Array:

@@ -1,0 +1,192 @@
+"""Statistics across devices (8 simulated CPU devices, see conftest.py) and across sub-batches.
+
+Every case is compared with one device running the global batch: outputs, running stats and gradients.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnorm
+from jaxnorm import linen as jl
+
+N_DEV = 8
+pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 8 (simulated) devices")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return Mesh(np.array(jax.devices()[:N_DEV]), ("batch",))
+
+
+def _data(shape=(32, 3, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    params, stats = jaxnorm.batch_norm_init(shape[1])
+    params = {"scale": jnp.asarray(1 + 0.3 * rng.normal(size=shape[1]), jnp.float32),
+              "bias": jnp.asarray(0.3 * rng.normal(size=shape[1]), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return params, stats, x, w
+
+
+def _global(params, stats, x, w):
+    def loss(p, x):
+        y, s = jaxnorm.batch_norm(p, stats, x, training=True)
+        return jnp.sum(y * w), (y, s)
+
+    (_, (y, s)), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, s, g
+
+
+def test_shard_map_with_axis_name_equals_global_batch(mesh):
+    params, stats, x, w = _data()
+
+    def local(p, s, x, w):
+        def loss(p, x):
+            y, s_new = jaxnorm.batch_norm(p, s, x, training=True, axis_name="batch")
+            return jnp.sum(y * w), (y, s_new)
+
+        # the gradient w.r.t. the replicated params comes back already summed over devices (shard_map's
+        # transpose of the implicit broadcast), i.e. exactly the gradient of the global sum
+        (_, (y, s_new)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+        return y, s_new, gp, gx
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                              out_specs=(P("batch"), P(), P(), P("batch"))))
+    y, s, gp, gx = f(params, stats, x, w)
+    y_ref, s_ref, (gp_ref, gx_ref) = _global(params, stats, x, w)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+    np.testing.assert_allclose(gx, gx_ref, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), gp, gp_ref)
+
+
+def test_uneven_per_device_batches_with_mask_equal_the_unpadded_batch(mesh):
+    """Each device holds 4 slots but only some are real; masked SyncBN == BN on the real examples."""
+    params, stats, x, w = _data((32, 3, 5), seed=1)
+    real = np.array([4, 1, 3, 2, 4, 2, 1, 3])
+    mask = np.zeros((32, 1, 1), bool)
+    for d, n in enumerate(real):
+        mask[4 * d : 4 * d + n] = True
+    mask = jnp.asarray(mask)
+    f = jax.jit(jax.shard_map(
+        lambda p, s, x, m: jaxnorm.batch_norm(p, s, x, training=True, axis_name="batch", mask=m),
+        mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P("batch"), P())))
+    y, s = f(params, stats, x, mask)
+    keep = np.asarray(mask[:, 0, 0])
+    y_ref, s_ref = jaxnorm.batch_norm(params, stats, x[keep], training=True)
+    np.testing.assert_allclose(y[keep], y_ref, atol=2e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+
+
+def test_axis_index_groups_average_within_each_group(mesh):
+    params, stats, x, _ = _data()
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    f = jax.jit(jax.shard_map(
+        lambda p, s, x: jaxnorm.batch_norm(p, s, x, training=True, axis_name="batch", axis_index_groups=groups)[0],
+        mesh=mesh, in_specs=(P(), P(), P("batch")), out_specs=P("batch")))
+    y = f(params, stats, x)
+    for half in (slice(0, 16), slice(16, 32)):
+        np.testing.assert_allclose(y[half], jaxnorm.batch_norm(params, stats, x[half], training=True)[0], atol=2e-6)
+
+
+def test_jit_with_named_sharding_needs_no_axis_name(mesh):
+    params, stats, x, w = _data()
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    ws = jax.device_put(w, NamedSharding(mesh, P("batch")))
+    y, s, (gp, gx) = jax.jit(_global)(params, stats, xs, ws)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("batch")), y.ndim) or len(y.sharding.device_set) >= 1
+    y_ref, s_ref, (gp_ref, gx_ref) = _global(params, stats, x, w)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6)
+    np.testing.assert_allclose(gx, gx_ref, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+
+
+def test_vmap_with_axis_name_over_examples():
+    """vmap over per-example (C, L) calls with axis_name == BN over the (N, C, L) batch."""
+    params, stats, x, _ = _data((6, 3, 5))
+    y, s = jax.vmap(lambda xi: jaxnorm.batch_norm(params, stats, xi, training=True, axis=0, axis_name="i"),
+                    axis_name="i")(x)
+    y_ref, s_ref = jaxnorm.batch_norm(params, stats, x, training=True)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-6, atol=1e-6), s, s_ref)
+
+
+def test_ghost_batch_norm_equals_splitting_by_hand():
+    params, stats, x, _ = _data((12, 3, 5))
+    y, s = jaxnorm.batch_norm(params, stats, x, training=True, virtual_batch_size=4)
+    parts = [jaxnorm.batch_norm(params, stats, x[i : i + 4], training=True) for i in range(0, 12, 4)]
+    np.testing.assert_allclose(y, jnp.concatenate([p[0] for p in parts]), atol=2e-6)
+    # one update with the average of the sub-batch statistics (each sub-batch's update is linear in its stats)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(s[k], np.mean([p[1][k] for p in parts], 0), rtol=2e-6)
+    assert int(s["count"]) == 1
+    y_eval, s_eval = jaxnorm.batch_norm(params, s, x, training=False, virtual_batch_size=4)
+    assert s_eval is s  # eval uses running statistics; the option only matters in training
+    with pytest.raises(ValueError, match="`virtual_batch_size`=5 must divide the batch size 12"):
+        jaxnorm.batch_norm(params, stats, x, training=True, virtual_batch_size=5)
+    with pytest.raises(ValueError, match="cannot be combined with `mask` or `axis_name`"):
+        jaxnorm.batch_norm(params, stats, x, training=True, virtual_batch_size=4, mask=jnp.ones((12, 1, 1), bool))
+
+
+class _Net(nn.Module):
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(8)(x)
+        x = jl.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+        return nn.Dense(2)(nn.relu(x))
+
+
+def test_data_parallel_training_step_equals_single_device(mesh):
+    """A shard_map'd optax step with SyncBN (pmean of grads) == the same step on the global batch."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, 32), jnp.int32)
+    v = _Net().init(jax.random.key(0), x, train=False)
+    tx = optax.sgd(0.1)
+    opt = tx.init(v["params"])
+
+    def step(model, params, bs, opt, x, y, reduce):
+        def loss_fn(p):  # `reduce` averages the per-device losses into the global mean loss
+            logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
+            return reduce(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()), upd
+
+        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt, loss
+
+    ref = jax.jit(lambda *a: step(_Net(), *a, reduce=lambda t: t))(v["params"], v["batch_stats"], opt, x, y)
+    sharded = jax.jit(jax.shard_map(
+        lambda *a: step(_Net(axis_name="batch"), *a, reduce=lambda t: jax.lax.pmean(t, "batch")),
+        mesh=mesh, in_specs=(P(), P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P(), P())))
+    out = sharded(v["params"], v["batch_stats"], opt, x, y)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_malformed_axis_index_groups_is_a_clear_error(mesh):
+    params, stats, x, _ = _data()
+    f = jax.jit(jax.shard_map(
+        lambda x: jaxnorm.batch_norm(params, stats, x, training=True, axis_name="batch",
+                                     axis_index_groups=[[0, 1], [2, 3]])[0],
+        mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+    with pytest.raises(ValueError, match=r"`axis_index_groups`=.*must split the 8 devices"):
+        f(x)
+
+
+def test_sync_bn_example_matches_single_device():
+    from experiments import sync_bn
+
+    result = sync_bn.run(devices=N_DEV, steps=3, seed=0)
+    assert result["count"] == 3
+    for key, diff in result["max_abs_diff"].items():
+        assert diff < 1e-5, key
