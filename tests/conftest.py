@@ -15,7 +15,7 @@ try:  # hypothesis profiles: fast by default, HYPOTHESIS_PROFILE=thorough for th
 
     settings.register_profile("default", max_examples=25, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("thorough", max_examples=300, deadline=None,
+    settings.register_profile("thorough", max_examples=100, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:  # pragma: no cover
