@@ -8,11 +8,16 @@ from jaxnorm._batch_norm import batch_norm, batch_norm_init
 from jaxnorm._group_norm import group_norm, group_norm_init
 from jaxnorm._instance_norm import instance_norm, instance_norm_init
 from jaxnorm._layer_norm import layer_norm, layer_norm_init, rms_norm, rms_norm_init
+from jaxnorm._variants import batch_renorm, fold, fold_variables, frozen_batch_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "batch_norm",
+    "batch_renorm",
+    "fold",
+    "fold_variables",
+    "frozen_batch_norm",
     "batch_norm_init",
     "group_norm",
     "group_norm_init",

@@ -27,21 +27,30 @@ def batch_norm_init(
     affine: bool = True,
     track_running_stats: bool = True,
     dtype: Any = jnp.float32,
+    nonfinite_guard: bool = False,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0."""
+    """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0.
+
+    ``nonfinite_guard=True`` adds ``batch_stats["skipped"]`` (() int32): a training batch whose statistics are
+    NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead, so one bad batch cannot
+    silently corrupt the running statistics (the output of that batch is still computed from it).
+    """
     c = _check_num_features(num_features, "batch_norm_init")
     params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
-    stats = running_stats_init(c, dtype) if track_running_stats else {}
+    stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats
 
 
-def running_stats_init(num_features: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+def running_stats_init(num_features: int, dtype: Any = jnp.float32, nonfinite_guard: bool = False) -> dict:
     stats_dtype = _core.stats_dtype(dtype)
-    return {
+    stats = {
         "mean": jnp.zeros((num_features,), stats_dtype),
         "var": jnp.ones((num_features,), stats_dtype),
         "count": jnp.zeros((), jnp.int32),
     }
+    if nonfinite_guard:
+        stats["skipped"] = jnp.zeros((), jnp.int32)
+    return stats
 
 
 def _check_num_features(num_features: Any, where: str) -> int:
@@ -60,9 +69,12 @@ def check_channel_state(params: Any, batch_stats: Any, c: int, layer: str, init:
     else:
         _core.check_state(params, {}, arg="params", layer=layer, fix=fix)
     if isinstance(batch_stats, dict) and batch_stats:
+        expected = {"mean": ((c,), "float"), "var": ((c,), "float"), "count": ((), "int")}
+        if "skipped" in batch_stats:  # made with nonfinite_guard=True
+            expected["skipped"] = ((), "int")
         _core.check_state(
             batch_stats,
-            {"mean": ((c,), "float"), "var": ((c,), "float"), "count": ((), "int")},
+            expected,
             arg="batch_stats",
             layer=layer,
             fix=fix,

@@ -289,7 +289,8 @@ def update_running(
 
     ``momentum`` is the weight of the new batch; ``None`` is the cumulative average over ``count`` batches.
     The running variance takes the unbiased batch variance ``var * n / (n - 1)`` (``unbiased=False``: the biased
-    one, as flax.linen.BatchNorm does).
+    one, as flax.linen.BatchNorm does). State made with ``nonfinite_guard=True`` (a ``skipped`` counter) keeps its
+    statistics when the batch's are not finite and counts the skipped batch instead.
     """
     new_count = batch_stats["count"] + 1
     dtype = batch_stats["mean"].dtype
@@ -301,4 +302,9 @@ def update_running(
         batch_var = batch_var * (count / (count - 1))
     mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
     var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(dtype)
-    return {"mean": mean.astype(dtype), "var": var.astype(dtype), "count": new_count}
+    new = {"mean": mean.astype(dtype), "var": var.astype(dtype), "count": new_count}
+    if "skipped" in batch_stats:  # non-finite guard: a NaN/inf batch leaves the statistics as they were
+        ok = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var))
+        new = {k: jnp.where(ok, v, batch_stats[k]) for k, v in new.items()}
+        new["skipped"] = batch_stats["skipped"] + jnp.where(ok, 0, 1).astype(batch_stats["skipped"].dtype)
+    return new

@@ -32,11 +32,13 @@ def instance_norm_init(
     affine: bool = False,
     track_running_stats: bool = False,
     dtype: Any = jnp.float32,
+    nonfinite_guard: bool = False,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats)."""
+    """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats);
+    ``nonfinite_guard`` as in ``batch_norm_init``."""
     c = _check_num_features(num_features, "instance_norm_init")
     params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
-    stats = running_stats_init(c, dtype) if track_running_stats else {}
+    stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats
 
 

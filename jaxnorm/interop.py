@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxnorm._tree import get_path, set_path
+
 _NORM_KEYS = {"weight": ("params", "scale"), "bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
               "running_var": ("batch_stats", "var"), "num_batches_tracked": ("batch_stats", "count")}
 _KINDS = ("norm", "linear", "conv")
@@ -58,22 +60,6 @@ def _kind(prefix: str, leaves: Mapping[str, np.ndarray], kinds: Mapping[str, str
     return "linear" if weight.ndim == 2 else "conv"
 
 
-def _set(tree: dict, path: str, leaf: str, value: np.ndarray) -> None:
-    node = tree
-    for part in path.split("/"):
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
-def _get(tree: Mapping, path: str) -> Mapping | None:
-    node: Any = tree
-    for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
                   kinds: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Convert a PyTorch ``state_dict`` into Flax ``{"params": ..., "batch_stats": ...}`` (NumPy leaves)."""
@@ -88,12 +74,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
                 collection, name = _NORM_KEYS[leaf]
                 if name == "count":
                     value = value.astype(np.int32)
-                _set(out[collection], path, name, value)
+                set_path(out[collection], f"{path}/{name}", value)
             elif leaf == "weight":
                 kernel = value.T if kind == "linear" else np.transpose(value, (*range(2, value.ndim), 1, 0))
-                _set(out["params"], path, "kernel", np.ascontiguousarray(kernel))
+                set_path(out["params"], f"{path}/kernel", np.ascontiguousarray(kernel))
             elif leaf == "bias":
-                _set(out["params"], path, "bias", value)
+                set_path(out["params"], f"{path}/bias", value)
             else:
                 raise KeyError(f"torch_to_flax: unexpected key {prefix}.{leaf} for a {kind} layer.")
     return {k: v for k, v in out.items() if v}
@@ -109,7 +95,7 @@ def flax_to_torch(variables: Mapping[str, Any], names: Mapping[str, str], *,
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     out: dict[str, np.ndarray] = {}
     for prefix, path in names.items():
-        p, s = _get(params, path) or {}, _get(stats, path) or {}
+        p, s = get_path(params, path) or {}, get_path(stats, path) or {}
         if not p and not s:
             raise KeyError(f"flax_to_torch: no variables at Flax path {path!r} (torch module {prefix!r}).")
         p = {k: np.asarray(v) for k, v in p.items()}

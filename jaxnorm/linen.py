@@ -27,7 +27,8 @@ def _affine(module: nn.Module, shape: tuple[int, ...], with_bias: bool = True) -
 
 
 def _running(module: nn.Module, c: int) -> dict[str, Any]:
-    init = jaxnorm.batch_norm_init(c, affine=False, dtype=module.param_dtype)[1]
+    guard = getattr(module, "nonfinite_guard", False)
+    init = jaxnorm.batch_norm_init(c, affine=False, dtype=module.param_dtype, nonfinite_guard=guard)[1]
     return {k: module.variable("batch_stats", k, lambda v=v: v) for k, v in init.items()}
 
 
@@ -66,6 +67,8 @@ class BatchNorm(_ChannelNorm):
     track_running_stats: bool = True
     axis_name: str | None = None
     axis_index_groups: Any = None
+    nonfinite_guard: bool = False
+    virtual_batch_size: int | None = None
     param_dtype: Any = jnp.float32
 
     @nn.compact
@@ -74,7 +77,8 @@ class BatchNorm(_ChannelNorm):
         return self._apply(jaxnorm.batch_norm, x, use_running_average, affine=self.affine,
                            track=self.track_running_stats, momentum=momentum, axis_name=self.axis_name,
                            axis_index_groups=self.axis_index_groups, mask=mask,
-                           running_var_unbiased=self.flax_momentum is None)
+                           running_var_unbiased=self.flax_momentum is None,
+                           virtual_batch_size=self.virtual_batch_size)
 
 
 class InstanceNorm(_ChannelNorm):
@@ -96,6 +100,22 @@ class InstanceNorm(_ChannelNorm):
         momentum = resolve_momentum(self.torch_momentum, self.flax_momentum, "InstanceNorm")
         return self._apply(jaxnorm.instance_norm, x, use_running_average, affine=self.affine,
                            track=self.track_running_stats, momentum=momentum)
+
+
+class FrozenBatchNorm(nn.Module):
+    """torchvision's FrozenBatchNorm2d: fixed statistics and affine (kept in "params"/"batch_stats" so pretrained
+    weights load unchanged), never updated, no gradients to them. For fine-tuning."""
+
+    axis: int = -1
+    epsilon: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[self.axis]
+        params = _affine(self, (c,))
+        stats = {k: v.value for k, v in _running(self, c).items()}
+        return jaxnorm.frozen_batch_norm(params, stats, x, axis=self.axis, eps=self.epsilon)
 
 
 class LayerNorm(nn.Module):
@@ -146,4 +166,4 @@ class GroupNorm(nn.Module):
         return jaxnorm.group_norm(params, x, num_groups=self.num_groups, axis=self.axis, eps=self.epsilon)
 
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]

@@ -30,12 +30,14 @@ class _ChannelNorm(nnx.Module):
     _fn: Any = None
 
     def __init__(self, num_features, *, use_running_average, axis, torch_momentum, flax_momentum, epsilon, affine,
-                 track_running_stats, param_dtype, init):
-        params, stats = init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=param_dtype)
+                 track_running_stats, param_dtype, init, nonfinite_guard=False):
+        params, stats = init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=param_dtype,
+                             nonfinite_guard=nonfinite_guard)
         _set_params(self, params)
         self.tracked = bool(stats)
-        for k in ("mean", "var", "count"):
-            setattr(self, k, nnx.BatchStat(stats[k]) if stats else None)
+        self._stat_keys = tuple(stats)
+        for k in ("mean", "var", "count", "skipped"):
+            setattr(self, k, nnx.BatchStat(stats[k]) if k in stats else None)
         self.use_running_average = use_running_average
         self.axis = axis
         self.momentum = resolve_momentum(torch_momentum, flax_momentum, type(self).__name__)
@@ -43,11 +45,11 @@ class _ChannelNorm(nnx.Module):
 
     def _call(self, x, use_running_average, **kw):
         training = resolve_training(self.use_running_average, use_running_average, type(self).__name__)
-        stats = {k: getattr(self, k)[...] for k in ("mean", "var", "count")} if self.tracked else {}
+        stats = {k: getattr(self, k)[...] for k in self._stat_keys}
         y, new = type(self)._fn(_params(self), stats, x, training=training, axis=self.axis, momentum=self.momentum,
                                 eps=self.epsilon, **kw)
         if training and self.tracked:
-            for k in ("mean", "var", "count"):
+            for k in self._stat_keys:
                 getattr(self, k)[...] = new[k]
         return y
 
@@ -60,11 +62,11 @@ class BatchNorm(_ChannelNorm):
     def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
                  affine: bool = True, track_running_stats: bool = True, axis_name: str | None = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+                 nonfinite_guard: bool = False, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
         super().__init__(num_features, use_running_average=use_running_average, axis=axis,
                          torch_momentum=torch_momentum, flax_momentum=flax_momentum, epsilon=epsilon, affine=affine,
                          track_running_stats=track_running_stats, param_dtype=param_dtype,
-                         init=jaxnorm.batch_norm_init)
+                         init=jaxnorm.batch_norm_init, nonfinite_guard=nonfinite_guard)
         self.axis_name = axis_name
         self.flax_like = flax_momentum is not None
 

@@ -1,0 +1,244 @@
+"""Variants: batch renorm, frozen BN, folding, precise BN, the non-finite guard, mixed precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnorm
+from experiments import _common, lenet
+from jaxnorm import linen as jl
+from jaxnorm.precise_bn import recalibrate
+
+RNG = np.random.default_rng(0)
+
+
+def _state(c=3, dtype=jnp.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"scale": jnp.asarray(1 + 0.3 * rng.normal(size=c), dtype),
+              "bias": jnp.asarray(0.3 * rng.normal(size=c), dtype)}
+    stats = {"mean": jnp.asarray(rng.normal(size=c), dtype), "var": jnp.asarray(rng.uniform(0.5, 2, c), dtype),
+             "count": jnp.asarray(5, jnp.int32)}
+    return params, stats
+
+
+# ------------------------------------------------------------------ batch renormalization
+
+
+def renorm_reference(x, w, b, mu, var_run, r_max, d_max, eps, momentum):
+    """Ioffe (2017), Algorithm 1, in float64 NumPy, channel on axis 1; sigma = sqrt(running var + eps)."""
+    red = tuple(i for i in range(x.ndim) if i != 1)
+    shp = lambda v: v.reshape([-1 if i == 1 else 1 for i in range(x.ndim)])
+    mu_b, var_b = x.mean(red), x.var(red)
+    sigma_b, sigma = np.sqrt(var_b + eps), np.sqrt(var_run + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
+    x_hat = (x - shp(mu_b)) / shp(sigma_b) * shp(r) + shp(d)
+    n = x.size / x.shape[1]
+    new_mu = (1 - momentum) * mu + momentum * mu_b
+    new_var = (1 - momentum) * var_run + momentum * var_b * n / (n - 1)
+    return shp(w) * x_hat + shp(b), new_mu, new_var, r
+
+
+@pytest.mark.parametrize("r_max,d_max", [(1.5, 0.5), (3.0, 5.0), (1.0, 0.0)])
+def test_batch_renorm_matches_the_papers_algorithm(r_max, d_max):
+    params, stats = _state()
+    x = RNG.normal(size=(8, 3, 4)) * 2.5 + 1.5
+    y, new = jaxnorm.batch_renorm(params, stats, jnp.asarray(x), training=True, r_max=r_max, d_max=d_max,
+                                  momentum=0.1)
+    y_ref, mu_ref, var_ref, _ = renorm_reference(x, *(np.asarray(params[k]) for k in ("scale", "bias")),
+                                                 np.asarray(stats["mean"]), np.asarray(stats["var"]), r_max, d_max,
+                                                 1e-5, 0.1)
+    np.testing.assert_allclose(y, y_ref, atol=1e-12)
+    np.testing.assert_allclose(new["mean"], mu_ref, atol=1e-12)
+    np.testing.assert_allclose(new["var"], var_ref, atol=1e-12)
+    y_eval, same = jaxnorm.batch_renorm(params, stats, jnp.asarray(x), training=False)
+    assert same is stats
+    np.testing.assert_allclose(y_eval, jaxnorm.batch_norm(params, stats, jnp.asarray(x), training=False)[0])
+
+
+def test_batch_renorm_with_r1_d0_is_batch_norm_and_r_d_get_no_gradient():
+    params, stats = _state()
+    x = jnp.asarray(RNG.normal(size=(8, 3, 4)) * 2 + 1)
+    a = jaxnorm.batch_renorm(params, stats, x, training=True, r_max=1.0, d_max=0.0, momentum=0.1)
+    b = jaxnorm.batch_norm(params, stats, x, training=True, momentum=0.1)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-13), a, b)
+    # stop-gradient: d/dx of renorm == r * (d/dx of batch norm), since r and d are constants for the gradient
+    w = jnp.asarray(RNG.normal(size=x.shape))
+    g_renorm = jax.grad(lambda x: jnp.sum(jaxnorm.batch_renorm(params, stats, x, training=True)[0] * w))(x)
+    g_bn = jax.grad(lambda x: jnp.sum(jaxnorm.batch_norm(params, stats, x, training=True)[0] * w))(x)
+    *_, r = renorm_reference(np.asarray(x), np.ones(3), np.zeros(3), np.asarray(stats["mean"]),
+                             np.asarray(stats["var"]), 3.0, 5.0, 1e-5, 0.01)
+    np.testing.assert_allclose(g_renorm, g_bn * r.reshape(1, 3, 1), atol=1e-10)
+
+
+def test_batch_renorm_schedule_is_traced_without_recompiling():
+    params, stats = _state(dtype=jnp.float32)
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    step = jax.jit(lambda r_max, d_max: jaxnorm.batch_renorm(params, stats, x, training=True, r_max=r_max,
+                                                             d_max=d_max)[0])
+    for t in range(4):  # the paper ramps r_max from 1 to 3 and d_max from 0 to 5
+        step(jnp.float32(1 + 0.5 * t), jnp.float32(1.25 * t))
+    assert step._cache_size() == 1
+    with pytest.raises(ValueError, match="`r_max` must be >= 1.0, got 0.5"):
+        jaxnorm.batch_renorm(params, stats, x, training=True, r_max=0.5)
+
+
+# ------------------------------------------------------------------ frozen batch norm
+
+
+def test_frozen_batch_norm_is_torchvisions_formula_without_gradients():
+    params, stats = _state(4)
+    x = RNG.normal(size=(2, 4, 3, 3))
+    # torchvision.ops.FrozenBatchNorm2d.forward, in NumPy
+    scale = np.asarray(params["scale"]) * (np.asarray(stats["var"]) + 1e-5) ** -0.5
+    bias = np.asarray(params["bias"]) - np.asarray(stats["mean"]) * scale
+    ref = x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+    y = jaxnorm.frozen_batch_norm(params, stats, jnp.asarray(x))
+    np.testing.assert_allclose(y, ref, atol=1e-13)
+    g = jax.grad(lambda p: jnp.sum(jaxnorm.frozen_batch_norm(p, stats, jnp.asarray(x))))(params)
+    assert all(np.all(v == 0) for v in jax.tree.leaves(g))
+    model = jl.FrozenBatchNorm()
+    v = {"params": {k: params[k] for k in ("scale", "bias")}, "batch_stats": dict(stats)}
+    y_nhwc = model.apply(v, jnp.moveaxis(jnp.asarray(x), 1, -1))
+    np.testing.assert_allclose(jnp.moveaxis(y_nhwc, -1, 1), ref, atol=1e-13)
+
+
+# ------------------------------------------------------------------ folding
+
+
+def _add_bias(out, b):
+    return out + jnp.reshape(jnp.asarray(b, out.dtype), (1,) * (out.ndim - 1) + (-1,))
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "torch_layout"])
+def test_fold_equals_layer_then_eval_batch_norm(kind):
+    params, stats = _state(5, jnp.float32)
+    if kind == "dense":
+        x = jnp.asarray(RNG.normal(size=(7, 4)), jnp.float32)
+        kernel = jnp.asarray(RNG.normal(size=(4, 5)), jnp.float32)
+        layer = lambda k, b: _add_bias(x @ k, b)
+    else:
+        x = jnp.asarray(RNG.normal(size=(2, 6, 6, 3)), jnp.float32)
+        kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 5)), jnp.float32)
+        layer = lambda k, b: _add_bias(jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")), b)
+    bias = jnp.asarray(RNG.normal(size=5), jnp.float32)
+    ref, _ = jaxnorm.batch_norm(params, stats, layer(kernel, bias), training=False, axis=-1)
+    if kind == "torch_layout":  # an (O, I, kh, kw) PyTorch weight: output channels on axis 0
+        k_t = jnp.transpose(kernel, (3, 2, 0, 1))
+        new_k, new_b = jaxnorm.fold(k_t, bias, params, stats, out_axis=0)
+        new_k = jnp.transpose(new_k, (2, 3, 1, 0))
+    else:
+        new_k, new_b = jaxnorm.fold(kernel, bias, params, stats)
+    np.testing.assert_allclose(layer(new_k, new_b), ref, rtol=1e-5, atol=1e-4)
+    k0, b0 = jaxnorm.fold(kernel, None, params, stats)  # use_bias=False layers
+    ref0, _ = jaxnorm.batch_norm(params, stats, layer(kernel, jnp.zeros(5, jnp.float32)), training=False, axis=-1)
+    np.testing.assert_allclose(layer(k0, b0), ref0, rtol=1e-5, atol=1e-4)
+
+
+def test_folded_lenet_gives_the_same_eval_logits():
+    data = lenet.load_digits_28()
+    x, y = jnp.asarray(data[0][:64]), jnp.asarray(data[1][:64])
+    model = lenet.LeNet(norm="jaxnorm")
+    state = _common.create_state(model, jax.random.key(0), x[:2], optax.sgd(0.5))
+    step = _common.make_train_step(_common.cross_entropy)
+    for _ in range(3):  # non-trivial statistics and parameters
+        state, _ = step(state, x, y)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    pairs = {"Conv_0": "BatchNorm_0", "Conv_1": "BatchNorm_1", "Dense_0": "BatchNorm_2", "Dense_1": "BatchNorm_3"}
+    folded = jaxnorm.fold_variables(variables, pairs)
+    want = model.apply(variables, x, train=False)
+    got = lenet.LeNet(norm="none").apply({"params": folded}, x, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_deep_mlp_gives_the_same_eval_logits():
+    model = _common.MLP(hidden=(16,) * 6, out=3, use_bn=True)
+    x = jnp.asarray(RNG.normal(size=(32, 8)), jnp.float32)
+    state = _common.create_state(model, jax.random.key(1), x[:2], optax.sgd(0.1))
+    step = _common.make_train_step(_common.cross_entropy)
+    for _ in range(3):
+        state, _ = step(state, x, jnp.asarray(RNG.integers(0, 3, 32), jnp.int32))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    folded = jaxnorm.fold_variables(variables, {f"Dense_{i}": f"BatchNorm_{i}" for i in range(6)})
+    want = model.apply(variables, x, train=False)
+    got = _common.MLP(hidden=(16,) * 6, out=3, use_bn=False).apply({"params": folded}, x, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ precise BN
+
+
+def test_recalibrate_gives_the_exact_population_statistics():
+    model = _common.MLP(hidden=(6, 6), out=2, use_bn=True, bn_input=True)
+    data = [jnp.asarray(RNG.normal(size=(16, 4)) * (i + 1) + i, jnp.float32) for i in range(5)]
+    variables = model.init(jax.random.key(0), data[0], train=False)
+    new = recalibrate(model, variables, iter(data), num_batches=4, progress=True, train=True)
+    everything = np.concatenate([np.asarray(d, np.float64) for d in data[:4]])
+    first = new["BatchNorm_0"]
+    np.testing.assert_allclose(first["mean"], everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(first["var"], everything.var(0, ddof=1), rtol=1e-5)
+    assert int(first["count"]) == 0
+    # deeper layers: their recalibrated statistics make eval mode reproduce the population-normalized activations
+    for path in ("BatchNorm_1", "BatchNorm_2"):
+        assert np.all(np.isfinite(new[path]["var"])) and not np.allclose(new[path]["var"], 1.0)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        recalibrate(model, variables, iter([]), train=True, progress=False)
+
+
+# ------------------------------------------------------------------ non-finite guard
+
+
+def test_nonfinite_guard_keeps_statistics_and_reports_the_skip():
+    params, stats = jaxnorm.batch_norm_init(3, nonfinite_guard=True)
+    x = RNG.normal(size=(4, 3)).astype(np.float32)
+    step = jax.jit(lambda s, x: jaxnorm.batch_norm(params, s, x, training=True))
+    _, stats = step(stats, jnp.asarray(x))
+    bad = x.copy()
+    bad[2, 1] = np.inf
+    _, after = step(stats, jnp.asarray(bad))
+    jax.tree.map(np.testing.assert_array_equal, {k: after[k] for k in ("mean", "var", "count")},
+                 {k: stats[k] for k in ("mean", "var", "count")})
+    assert int(after["skipped"]) == 1 and int(after["count"]) == 1
+    _, later = step(after, jnp.asarray(x))
+    assert int(later["count"]) == 2 and int(later["skipped"]) == 1
+    # unguarded state (the default) is corrupted by the same batch, as in PyTorch
+    _, plain = jaxnorm.batch_norm(params, jaxnorm.batch_norm_init(3)[1], jnp.asarray(bad), training=True)
+    assert not np.isfinite(plain["mean"][1])
+    # the wrapper flag
+    v = jl.BatchNorm(nonfinite_guard=True).init(jax.random.key(0), jnp.asarray(x), use_running_average=True)
+    _, upd = jl.BatchNorm(nonfinite_guard=True).apply(v, jnp.asarray(bad), use_running_average=False,
+                                                      mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["skipped"]) == 1
+
+
+# ------------------------------------------------------------------ mixed precision
+
+MIXED_TOL = {jnp.bfloat16: 2e-2, jnp.float16: 2e-3}  # relative to the output scale; see README
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("make", [lambda: jl.BatchNorm(), lambda: jl.InstanceNorm(affine=True),
+                                  lambda: jl.LayerNorm(), lambda: jl.GroupNorm(num_groups=2),
+                                  lambda: jl.RMSNorm()], ids=["BN", "IN", "LN", "GN", "RMS"])
+def test_low_precision_activations_with_float32_params_and_stats(make, dtype):
+    model = make()
+    x32 = jnp.asarray(RNG.normal(size=(4, 5, 6, 4)) * 3 + 2, jnp.float32)
+    kw = {"use_running_average": False} if isinstance(model, (jl.BatchNorm, jl.InstanceNorm)) else {}
+    mut = {"mutable": ["batch_stats"]} if isinstance(model, jl.BatchNorm) else {}
+    v = model.init(jax.random.key(0), x32, **kw)
+    v = jax.tree.map(lambda p: p + 0.1 if p.dtype == jnp.float32 else p, v)
+    out_lo = model.apply(v, x32.astype(dtype), **kw, **mut)
+    out_32 = model.apply(v, x32, **kw, **mut)
+    (y_lo, s_lo), (y_32, s_32) = (out_lo, out_32) if mut else ((out_lo, {}), (out_32, {}))
+    assert y_lo.dtype == dtype
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v["params"]))
+    np.testing.assert_allclose(np.asarray(y_lo, np.float32), y_32, atol=MIXED_TOL[dtype] * 4,
+                               rtol=MIXED_TOL[dtype])
+    for leaf_lo, leaf_32 in zip(jax.tree.leaves(s_lo), jax.tree.leaves(s_32), strict=True):
+        assert leaf_lo.dtype == leaf_32.dtype  # statistics stay float32 (int32 count)
+        np.testing.assert_allclose(leaf_lo, leaf_32, rtol=MIXED_TOL[dtype], atol=MIXED_TOL[dtype])
