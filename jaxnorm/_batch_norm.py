@@ -144,6 +144,8 @@ def batch_norm(
     reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
     bshape = _core.channel_shape(x.ndim, ax, c)
     use_batch = training or not batch_stats
+    scale = params["scale"].reshape(bshape) if params else None
+    bias = params["bias"].reshape(bshape) if params else None
     ghost = _check_virtual_batch(virtual_batch_size, x, ax, mask, axis_name) if training else None
     if use_batch:
         if training and mask is None and axis_name is None and x.size // c == 1:
@@ -157,21 +159,18 @@ def batch_norm(
             xg = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
             gmean, gvar, count = _core.moments(xg, tuple(i + 1 for i in reduction_axes))
             y_ghost = _core.normalize(xg, gmean, gvar, eps, *(
-                None if not params else params[k].reshape((1,) + bshape) for k in ("scale", "bias")))
+                None if p is None else p.reshape((1,) + bshape) for p in (scale, bias)))
             y = y_ghost.reshape(x.shape)
             mean, var = jnp.mean(gmean, 0), jnp.mean(gvar, 0)
         else:
-            mean, var, count = _core.moments(
-                x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+            y, mean, var, count = _core.normalize_batch(
+                x, reduction_axes, eps, scale, bias, mask=mask, axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
             )
     else:
         dtype = _core.stats_dtype(x.dtype)
         mean = batch_stats["mean"].astype(dtype).reshape(bshape)
         var = batch_stats["var"].astype(dtype).reshape(bshape)
-
-    if not ghost:
-        scale = params["scale"].reshape(bshape) if params else None
-        bias = params["bias"].reshape(bshape) if params else None
         y = _core.normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:

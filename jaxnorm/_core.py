@@ -8,6 +8,7 @@ channel whose mean is large against its spread loses no digits to ``E[x^2] - E[x
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -270,6 +271,67 @@ def normalize(
     if bias is not None:
         y = y + bias.astype(dtype)
     return y.astype(x.dtype)
+
+
+def normalize_batch(
+    x: Array,
+    reduction_axes: Sequence[int],
+    eps: float,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[Array, Array, Array, Array]:
+    """Normalize ``x`` with its own statistics over ``reduction_axes``: returns ``(y, mean, var, count)``.
+
+    ``moments`` then ``normalize``. Without ``mask``/``axis_name`` this goes through a custom VJP that saves only
+    ``x``, the mean and 1/std and computes dx in one fused expression (the textbook batch-norm backward), instead
+    of differentiating the statistics' passes; the results are the same to rounding.
+    """
+    if mask is None and axis_name is None:
+        return _normalize_batch_fused(x, tuple(reduction_axes), float(eps), scale, bias)
+    mean, var, count = moments(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    return normalize(x, mean, var, eps, scale, bias), mean, var, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize_batch_fused(x, reduction_axes, eps, scale, bias):
+    return _normalize_batch_fwd(x, reduction_axes, eps, scale, bias)[0]
+
+
+def _normalize_batch_fwd(x, reduction_axes, eps, scale, bias):
+    mean, var, count = moments(x, reduction_axes)
+    y = normalize(x, mean, var, eps, scale, bias)
+    inv = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+    return (y, mean, var, count), (x, mean, inv, scale, bias)
+
+
+def _normalize_batch_bwd(axes, eps, res, cotangents):
+    x, mean, inv, scale, bias = res
+    dy, dmean, dvar, _ = cotangents
+    dtype = mean.dtype
+    n = float(np.prod([x.shape[a] for a in axes])) if axes else 1.0
+    xc = x.astype(dtype) - mean
+    xhat = xc * inv
+    dyf = dy.astype(dtype)
+    g = dyf if scale is None else dyf * scale.astype(dtype)
+    g_mean = jnp.mean(g, axes, keepdims=True)
+    gx_mean = jnp.mean(g * xhat, axes, keepdims=True)
+    # d/dx of (x - mean) * rsqrt(var + eps), plus the paths through the returned mean and var
+    dx = inv * (g - g_mean - xhat * gx_mean) + dmean / n + dvar * (2.0 / n) * xc
+
+    def reduce_to(t, p):  # sum a full-size cotangent down to a broadcast parameter's shape
+        axes_p = tuple(i for i in range(x.ndim) if p.shape[i] == 1 and x.shape[i] != 1)
+        return jnp.sum(t, axes_p, keepdims=True).reshape(p.shape).astype(p.dtype)
+
+    dscale = None if scale is None else reduce_to(dyf * xhat, scale)
+    dbias = None if bias is None else reduce_to(dyf, bias)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_normalize_batch_fused.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:

@@ -60,12 +60,11 @@ def group_norm(params: dict[str, Array], x: Array, *, num_groups: int, axis: int
         _core.check_state(params, {}, arg="params", layer=_LAYER, fix=fix)
     eps = _core.check_eps(eps, _LAYER)
 
-    # (..., C, ...) -> (..., G, C/G, ...): statistics per (example, group), then expanded back per channel.
-    grouped = x.reshape(x.shape[:ax] + (g, c // g) + x.shape[ax + 1 :])
-    axes = tuple(i for i in range(1, grouped.ndim) if i != ax)
-    mean, var, _ = _core.moments(grouped, axes)
-    expand = lambda s: jnp.repeat(s, c // g, axis=ax + 1).reshape(x.shape[:1] + _core.channel_shape(x.ndim, ax, c)[1:])
-    bshape = _core.channel_shape(x.ndim, ax, c)
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
-    return _core.normalize(x, expand(mean), expand(var), eps, scale, bias)
+    # (..., C, ...) -> (..., G, C/G, ...): statistics per (example, group); the per-channel affine is applied in the
+    # same grouped layout, so nothing is expanded back per channel before the one fused normalize pass.
+    gshape = x.shape[:ax] + (g, c // g) + x.shape[ax + 1 :]
+    axes = tuple(i for i in range(1, len(gshape)) if i != ax)
+    pshape = tuple(g if i == ax else c // g if i == ax + 1 else 1 for i in range(len(gshape)))
+    scale = params["scale"].reshape(pshape) if params else None
+    bias = params["bias"].reshape(pshape) if params else None
+    return _core.normalize_batch(x.reshape(gshape), axes, eps, scale, bias)[0].reshape(x.shape)

@@ -75,20 +75,19 @@ def instance_norm(
     spatial = tuple(i for i in range(1, x.ndim) if i != ax)
     bshape = _core.channel_shape(x.ndim, ax, c)
     use_input_stats = training or not batch_stats
+    scale = params["scale"].reshape(bshape) if params else None
+    bias = params["bias"].reshape(bshape) if params else None
     if use_input_stats:
         if training and math.prod(x.shape[i] for i in spatial) == 1:
             raise ValueError(
                 f"{_LAYER}: expected more than 1 spatial element when training, got input shape {tuple(x.shape)}."
             )
-        mean, var, count = _core.moments(x, spatial)
+        y, mean, var, count = _core.normalize_batch(x, spatial, eps, scale, bias)
     else:
         dtype = _core.stats_dtype(x.dtype)
         mean = batch_stats["mean"].astype(dtype).reshape(bshape)
         var = batch_stats["var"].astype(dtype).reshape(bshape)
-
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
-    y = _core.normalize(x, mean, var, eps, scale, bias)
+        y = _core.normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         if momentum is None:  # PyTorch passes momentum 0.0 here: statistics stay put

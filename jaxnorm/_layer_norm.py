@@ -76,9 +76,8 @@ def layer_norm(
     _check_trailing_params(params, shape, layer, [[], ["scale"], ["bias", "scale"]])
     eps = _core.check_eps(eps, layer)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    mean, var, _ = _core.moments(x, axes)
     scale, bias = (_lift(params.get(k), x.ndim) for k in ("scale", "bias"))
-    return _core.normalize(x, mean, var, eps, scale, bias)
+    return _core.normalize_batch(x, axes, eps, scale, bias)[0]
 
 
 def rms_norm(

@@ -1,0 +1,233 @@
+"""benchmark: jaxnorm vs flax.linen vs PyTorch (CPU), forward (train, eval) and forward+backward.
+
+Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--quick] [--out results]``
+Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
+For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
+warm-up (``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes), for jaxnorm
+channels-last, jaxnorm NCHW, flax.linen (channels-last) and torch (NCHW) if installed; the XLA floor (one jitted
+``x * a + b`` over the same tensor); and the compiled forward+backward programs' memory (temp + output bytes from
+``memory_analysis()``) for jaxnorm and Flax. Writes ``benchmark.json`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+from collections.abc import Callable
+
+# name: (layer, shape in NCHW / (N, C) / (N, D), dtype, extra)
+CASES = {
+    "BN2d 32x64x56x56": ("bn", (32, 64, 56, 56), "float32", {}),
+    "BN2d 128x256x14x14": ("bn", (128, 256, 14, 14), "float32", {}),
+    "BN1d 4096x1024": ("bn", (4096, 1024), "float32", {}),
+    "BN1d 64x10": ("bn", (64, 10), "float32", {}),
+    "LN 4096x768": ("ln", (4096, 768), "float32", {}),
+    "GN(32) 16x256x32x32": ("gn", (16, 256, 32, 32), "float32", {"groups": 32}),
+    "IN 16x64x64x64": ("in", (16, 64, 64, 64), "float32", {}),
+    "RMSNorm 4096x768": ("rms", (4096, 768), "float32", {}),
+    "BN2d bf16 32x64x56x56": ("bn", (32, 64, 56, 56), "bfloat16", {}),
+}
+QUICK_SHAPES = {"bn": [(4, 3, 5, 5), (8, 6)], "ln": [(8, 6)], "gn": [(2, 8, 3, 3)], "in": [(2, 3, 4, 4)],
+                "rms": [(8, 6)]}
+
+
+def _median_ms(fn: Callable[[], object], runs: int, sync: Callable[[object], object]) -> float:
+    sync(fn())  # warm-up (and compile)
+    sync(fn())
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sync(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _jax_fns(layer: str, shape, dtype, extra, impl: str):
+    """(fwd_train, fwd_eval, fwd_bwd, args) for impl in {'jaxnorm', 'jaxnorm_nchw', 'flax'}."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxnorm import linen as jl
+
+    nchw = impl == "jaxnorm_nchw"
+    channel_axis = 1 if nchw else -1
+    xshape = shape if (nchw or len(shape) == 2 or layer in ("ln", "rms")) else (shape[0], *shape[2:], shape[1])
+    key = jax.random.key(0)
+    x = jax.random.normal(key, xshape, jnp.float32).astype(dtype) * 2 + 1
+    g = jax.random.normal(jax.random.key(1), xshape, jnp.float32).astype(dtype)
+    flax = impl == "flax"
+    if layer == "bn":
+        module = nn.BatchNorm(axis=channel_axis, momentum=0.9) if flax else jl.BatchNorm(axis=channel_axis)
+    elif layer == "in":
+        module = nn.InstanceNorm(use_scale=False, use_bias=False, feature_axes=channel_axis) if flax else \
+            jl.InstanceNorm(axis=channel_axis)
+    elif layer == "gn":
+        module = nn.GroupNorm(num_groups=extra["groups"], reduction_axes=None) if flax else \
+            jl.GroupNorm(num_groups=extra["groups"], axis=channel_axis)
+        if flax and nchw:
+            raise ValueError("flax GroupNorm is channels-last only")
+    elif layer == "ln":
+        module = nn.LayerNorm(epsilon=1e-5) if flax else jl.LayerNorm()
+    else:
+        module = nn.RMSNorm(epsilon=1e-6) if flax else jl.RMSNorm(epsilon=1e-6)
+    stateful = layer == "bn"
+    kw_train = {"use_running_average": False} if stateful else {}
+    kw_eval = {"use_running_average": True} if stateful else {}
+    if layer == "in" and not flax:
+        kw_train = kw_eval = {}
+    variables = module.init(key, x, **kw_eval)
+    mut = {"mutable": ["batch_stats"]} if stateful else {}
+
+    fwd_train = jax.jit(lambda v, x: module.apply(v, x, **kw_train, **mut))
+    fwd_eval = jax.jit(lambda v, x: module.apply(v, x, **kw_eval))
+
+    def loss(params, x):
+        out = module.apply({**variables, "params": params}, x, **kw_train, **mut)
+        y = out[0] if stateful else out
+        return jnp.sum((y * g).astype(jnp.float32))
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    params = variables.get("params", {})
+    return (lambda: fwd_train(variables, x)), (lambda: fwd_eval(variables, x)), (lambda: fwd_bwd(params, x)), \
+        (fwd_bwd, params, x)
+
+
+def _floor(shape, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, a, b: x * a + b)
+    a, b = jnp.asarray(1.5, dtype), jnp.asarray(0.5, dtype)
+    return lambda: f(x, a, b)
+
+
+def _torch_fns(layer, shape, dtype, extra):
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    x = (torch.randn(shape) * 2 + 1).to(tdtype)
+    g = torch.randn(shape).to(tdtype)
+    c = shape[1] if layer != "ln" and layer != "rms" else shape[-1]
+    module = {"bn": lambda: (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c),
+              "in": lambda: torch.nn.InstanceNorm2d(c), "gn": lambda: torch.nn.GroupNorm(extra["groups"], c),
+              "ln": lambda: torch.nn.LayerNorm(c), "rms": lambda: torch.nn.RMSNorm(c, eps=1e-6)}[layer]().to(tdtype)
+
+    def fwd(train):
+        module.train(train)
+        with torch.no_grad():
+            return module(x)
+
+    def fwd_bwd():
+        module.train(True)
+        xr = x.detach().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        module(xr).backward(g)
+        return xr.grad
+
+    return (lambda: fwd(True)), (lambda: fwd(False)), fwd_bwd
+
+
+def _memory(fwd_bwd, params, x) -> int:
+    stats = fwd_bwd.lower(params, x).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else -1
+
+
+def run_case(name, layer, shape, dtype, extra, runs, with_torch):
+    import jax
+
+    sync = lambda out: jax.block_until_ready(out)
+    row = {"case": name, "shape": list(shape), "dtype": dtype, "floor": _median_ms(_floor(shape, dtype), runs, sync)}
+    for impl in ("jaxnorm", "jaxnorm_nchw", "flax"):
+        if impl == "jaxnorm_nchw" and (len(shape) == 2 or layer in ("ln", "rms")):
+            continue  # no channel axis to move
+        ft, fe, fb, (fb_jit, params, x) = _jax_fns(layer, shape, dtype, extra, impl)
+        row[impl] = {"fwd_train": _median_ms(ft, runs, sync), "fwd_eval": _median_ms(fe, runs, sync),
+                     "fwd_bwd": _median_ms(fb, runs, sync), "fwd_bwd_bytes": _memory(fb_jit, params, x)}
+    if with_torch:
+        import torch
+
+        ft, fe, fb = _torch_fns(layer, shape, dtype, extra)
+        row["torch"] = {k: _median_ms(f, runs, lambda out: out) for k, f in
+                        (("fwd_train", ft), ("fwd_eval", fe), ("fwd_bwd", fb))}
+        row["torch_threads"] = torch.get_num_threads()
+    return row
+
+
+def ratios(row) -> dict:
+    out = {}
+    for mode in ("fwd_train", "fwd_eval", "fwd_bwd"):
+        peers = [row[p][mode] for p in ("flax", "torch") if p in row]
+        out[f"{mode}/best_peer"] = row["jaxnorm"][mode] / min(peers)
+        out[f"{mode}/floor"] = row["jaxnorm"][mode] / row["floor"]
+    out["fwd_bwd_bytes/flax"] = row["jaxnorm"]["fwd_bwd_bytes"] / max(row["flax"]["fwd_bwd_bytes"], 1)
+    return out
+
+
+def format_tables(rows) -> str:
+    head = ("| case | floor | jaxnorm fwd | NCHW fwd | flax fwd | torch fwd | jaxnorm eval | flax eval | torch eval "
+            "| jaxnorm f+b | flax f+b | torch f+b |")
+    lines = ["Milliseconds (median):", "", head, "|" + "---|" * 12]
+    get = lambda r, impl, mode: f"{r[impl][mode]:.2f}" if impl in r else "-"
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['floor']:.2f} | {get(r, 'jaxnorm', 'fwd_train')} | "
+                     f"{get(r, 'jaxnorm_nchw', 'fwd_train')} | {get(r, 'flax', 'fwd_train')} | "
+                     f"{get(r, 'torch', 'fwd_train')} | {get(r, 'jaxnorm', 'fwd_eval')} | {get(r, 'flax', 'fwd_eval')} | "
+                     f"{get(r, 'torch', 'fwd_eval')} | {get(r, 'jaxnorm', 'fwd_bwd')} | {get(r, 'flax', 'fwd_bwd')} | "
+                     f"{get(r, 'torch', 'fwd_bwd')} |")
+    lines += ["", "Ratios (jaxnorm / best peer, jaxnorm / floor; memory: jaxnorm / flax, forward+backward):", "",
+              "| case | train fwd / peer | f+b / peer | eval / floor | train fwd / floor | f+b memory / flax |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r["ratios"]
+        lines.append(f"| {r['case']} | {q['fwd_train/best_peer']:.2f} | {q['fwd_bwd/best_peer']:.2f} | "
+                     f"{q['fwd_eval/floor']:.2f} | {q['fwd_train/floor']:.2f} | {q['fwd_bwd_bytes/flax']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 runs: a smoke test")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        with_torch = not args.no_torch
+    except ImportError:
+        with_torch = False
+    if args.quick:
+        cases = {f"{layer} {'x'.join(map(str, s))}": (layer, s, "float32", {"groups": 2} if layer == "gn" else {})
+                 for layer, shapes in QUICK_SHAPES.items() for s in shapes}
+        runs = 3
+    else:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in CASES]
+        if unknown:
+            parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+        cases = {k: v for k, v in CASES.items() if not wanted or k in wanted}
+        runs = max(args.runs, 15)
+    rows = []
+    for name, (layer, shape, dtype, extra) in cases.items():
+        row = run_case(name, layer, shape, dtype, extra, runs, with_torch)
+        row["ratios"] = ratios(row)
+        rows.append(row)
+        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.2f} ms, floor {row['floor']:.2f} ms", flush=True)
+    import jax
+
+    meta = {"jax": jax.__version__, "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs,
+            "torch": __import__("torch").__version__ if with_torch else None}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(format_tables(rows))
+    return 0
