@@ -316,18 +316,27 @@ def _normalize_batch_bwd(axes, eps, res, cotangents):
     xc = x.astype(dtype) - mean
     xhat = xc * inv
     dyf = dy.astype(dtype)
-    g = dyf if scale is None else dyf * scale.astype(dtype)
-    g_mean = jnp.mean(g, axes, keepdims=True)
-    gx_mean = jnp.mean(g * xhat, axes, keepdims=True)
-    # d/dx of (x - mean) * rsqrt(var + eps), plus the paths through the returned mean and var
-    dx = inv * (g - g_mean - xhat * gx_mean) + dmean / n + dvar * (2.0 / n) * xc
-
-    def reduce_to(t, p):  # sum a full-size cotangent down to a broadcast parameter's shape
-        axes_p = tuple(i for i in range(x.ndim) if p.shape[i] == 1 and x.shape[i] != 1)
+    def reduce_to(t, p):  # sum a cotangent down to a broadcast parameter's shape
+        axes_p = tuple(i for i in range(x.ndim) if p.shape[i] == 1 and t.shape[i] != 1)
         return jnp.sum(t, axes_p, keepdims=True).reshape(p.shape).astype(p.dtype)
 
-    dscale = None if scale is None else reduce_to(dyf * xhat, scale)
-    dbias = None if bias is None else reduce_to(dyf, bias)
+    sf = None if scale is None else scale.astype(dtype)
+    if sf is None or all(sf.shape[a] == 1 for a in axes):
+        # scale is constant over the reduction (batch/instance norm): sum(g * xhat) = scale * sum(dy * xhat), so two
+        # sibling reductions of (dy, x) serve dx, dscale and dbias, and nothing full-size is kept in between
+        sum_dy = jnp.sum(dyf, axes, keepdims=True)
+        sum_dy_xhat = jnp.sum(dyf * xhat, axes, keepdims=True)
+        w = 1.0 if sf is None else sf
+        dx = (inv * w) * (dyf - (sum_dy + xhat * sum_dy_xhat) / n)
+        dscale = None if scale is None else reduce_to(sum_dy_xhat, scale)
+        dbias = None if bias is None else reduce_to(sum_dy, bias)
+    else:  # scale varies inside a normalization group (layer norm, group norm)
+        g = dyf * sf
+        dx = inv * (g - jnp.mean(g, axes, keepdims=True) - xhat * jnp.mean(g * xhat, axes, keepdims=True))
+        dscale = reduce_to(dyf * xhat, scale)
+        dbias = None if bias is None else reduce_to(dyf, bias)
+    # the paths through the returned mean and var (zero unless someone differentiates the running statistics)
+    dx = dx + dmean / n + dvar * (2.0 / n) * xc
     return dx.astype(x.dtype), dscale, dbias
 
 
