@@ -175,11 +175,10 @@ def format_tables(rows) -> str:
     lines = ["Milliseconds (median):", "", head, "|" + "---|" * 12]
     get = lambda r, impl, mode: f"{r[impl][mode]:.2f}" if impl in r else "-"
     for r in rows:
-        lines.append(f"| {r['case']} | {r['floor']:.2f} | {get(r, 'jaxnorm', 'fwd_train')} | "
-                     f"{get(r, 'jaxnorm_nchw', 'fwd_train')} | {get(r, 'flax', 'fwd_train')} | "
-                     f"{get(r, 'torch', 'fwd_train')} | {get(r, 'jaxnorm', 'fwd_eval')} | {get(r, 'flax', 'fwd_eval')} | "
-                     f"{get(r, 'torch', 'fwd_eval')} | {get(r, 'jaxnorm', 'fwd_bwd')} | {get(r, 'flax', 'fwd_bwd')} | "
-                     f"{get(r, 'torch', 'fwd_bwd')} |")
+        cells = [get(r, impl, mode) for mode, impls in (("fwd_train", ("jaxnorm", "jaxnorm_nchw", "flax", "torch")),
+                                                          ("fwd_eval", ("jaxnorm", "flax", "torch")),
+                                                          ("fwd_bwd", ("jaxnorm", "flax", "torch"))) for impl in impls]
+        lines.append(f"| {r['case']} | {r['floor']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios (jaxnorm / best peer, jaxnorm / floor; memory: jaxnorm / flax, forward+backward):", "",
               "| case | train fwd / peer | f+b / peer | eval / floor | train fwd / floor | f+b memory / flax |",
               "|---|---|---|---|---|---|"]
@@ -222,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         row = run_case(name, layer, shape, dtype, extra, runs, with_torch)
         row["ratios"] = ratios(row)
         rows.append(row)
-        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.2f} ms, floor {row['floor']:.2f} ms", flush=True)
+        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.2f} ms, floor {row['floor']:.2f} ms",
+              flush=True)
     import jax
 
     meta = {"jax": jax.__version__, "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs,

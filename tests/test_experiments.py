@@ -113,3 +113,15 @@ def test_full_two_circles_and_deep_mlp_findings(tmp_path):
     circles = two_circles.run(tmp_path)
     assert circles["finding_holds"], circles["report"]
     assert circles["runs"]["BatchNorm"]["final_test_accuracy"] > 0.95
+
+
+def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
+    """One run of the benchmark with tiny shapes (no timing assertions: speed is measured, never unit-tested)."""
+    assert main(["benchmark", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["rows"] and data["meta"]["runs"] == 3
+    for row in data["rows"]:
+        for impl in ("jaxnorm", "flax"):
+            assert row[impl]["fwd_train"] > 0 and row[impl]["fwd_bwd_bytes"] > 0
+        assert set(row["ratios"]) >= {"fwd_train/best_peer", "fwd_bwd/best_peer", "fwd_eval/floor"}
+    assert "| case | floor |" in capsys.readouterr().out
