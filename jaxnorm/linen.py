@@ -33,7 +33,14 @@ def _running(module: nn.Module, c: int) -> dict[str, Any]:
 
 
 class _ChannelNorm(nn.Module):
-    """Shared declaration logic for BatchNorm / InstanceNorm."""
+    """Fields and declaration logic shared by BatchNorm / InstanceNorm."""
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    torch_momentum: float | None = 0.1
+    flax_momentum: float | None = None
+    epsilon: float = 1e-5
+    param_dtype: Any = jnp.float32
 
     def _apply(self, fn, x, use_running_average, *, affine, track, momentum, **kw):
         layer = type(self).__name__
@@ -58,18 +65,12 @@ class _ChannelNorm(nn.Module):
 class BatchNorm(_ChannelNorm):
     """torch.nn.BatchNorm{1,2,3}d / flax.linen.BatchNorm, channels-last by default."""
 
-    use_running_average: bool | None = None
-    axis: int = -1
-    torch_momentum: float | None = 0.1
-    flax_momentum: float | None = None
-    epsilon: float = 1e-5
     affine: bool = True
     track_running_stats: bool = True
     axis_name: str | None = None
     axis_index_groups: Any = None
     nonfinite_guard: bool = False
     virtual_batch_size: int | None = None
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
@@ -84,14 +85,8 @@ class BatchNorm(_ChannelNorm):
 class InstanceNorm(_ChannelNorm):
     """torch.nn.InstanceNorm{1,2,3}d (defaults affine=False, track_running_stats=False), channels-last."""
 
-    use_running_average: bool | None = None
-    axis: int = -1
-    torch_momentum: float | None = 0.1
-    flax_momentum: float | None = None
-    epsilon: float = 1e-5
     affine: bool = False
     track_running_stats: bool = False
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:

@@ -62,16 +62,19 @@ class BatchNorm(_ChannelNorm):
     def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
                  affine: bool = True, track_running_stats: bool = True, axis_name: str | None = None,
-                 nonfinite_guard: bool = False, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+                 axis_index_groups: Any = None, nonfinite_guard: bool = False, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
         super().__init__(num_features, use_running_average=use_running_average, axis=axis,
                          torch_momentum=torch_momentum, flax_momentum=flax_momentum, epsilon=epsilon, affine=affine,
                          track_running_stats=track_running_stats, param_dtype=param_dtype,
                          init=jaxnorm.batch_norm_init, nonfinite_guard=nonfinite_guard)
         self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
         self.flax_like = flax_momentum is not None
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        return self._call(x, use_running_average, axis_name=self.axis_name, mask=mask,
+        return self._call(x, use_running_average, axis_name=self.axis_name,
+                          axis_index_groups=self.axis_index_groups, mask=mask,
                           running_var_unbiased=not self.flax_like)
 
 

@@ -201,3 +201,18 @@ def test_masked_statistics_equal_statistics_of_the_unpadded_batch():
     y_ref, s2 = jaxnorm.batch_norm(params, stats, x[keep], training=True)
     np.testing.assert_allclose(y[keep], y_ref, atol=1e-12)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), s1, s2)
+
+
+def test_per_position_mask_for_padded_sequences():
+    """(N, C, L) sequences padded to L: a (N, 1, L) mask == statistics over the real positions only."""
+    rng = np.random.default_rng(6)
+    lengths = [5, 2, 4]
+    x = jnp.asarray(rng.normal(size=(3, 2, 5)) * 3 + 1)
+    mask = jnp.asarray(np.arange(5)[None, None, :] < np.asarray(lengths)[:, None, None])
+    params, stats = jaxnorm.batch_norm_init(2, dtype=jnp.float64)
+    y, s = jaxnorm.batch_norm(params, stats, x, training=True, mask=mask)
+    real = np.concatenate([np.asarray(x[i, :, :n]) for i, n in enumerate(lengths)], axis=1)  # (C, total)
+    mean, var = real.mean(1), real.var(1)
+    np.testing.assert_allclose(y[0], (x[0] - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), atol=1e-12)
+    np.testing.assert_allclose(s["mean"], 0.1 * mean, atol=1e-12)
+    np.testing.assert_allclose(s["var"], 0.9 + 0.1 * real.var(1, ddof=1), atol=1e-12)

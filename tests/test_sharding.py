@@ -190,3 +190,19 @@ def test_sync_bn_example_matches_single_device():
     assert result["count"] == 3
     for key, diff in result["max_abs_diff"].items():
         assert diff < 1e-5, key
+
+
+def test_nnx_batch_norm_with_axis_index_groups(mesh):
+    from flax import nnx
+
+    from jaxnorm import nnx as jn
+
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(32, 3)), jnp.float32)
+    bn = jn.BatchNorm(3, axis_name="batch", axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    graphdef, state = nnx.split(bn)
+    f = jax.jit(jax.shard_map(lambda s, x: nnx.merge(graphdef, s)(x), mesh=mesh, in_specs=(P(), P("batch")),
+                              out_specs=P("batch")))
+    y = f(state, x)
+    for half in (slice(0, 16), slice(16, 32)):
+        ref, _ = jaxnorm.batch_norm(*jaxnorm.batch_norm_init(3), x[half], training=True, axis=-1)
+        np.testing.assert_allclose(y[half], ref, atol=2e-6)
