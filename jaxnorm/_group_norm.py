@@ -60,11 +60,10 @@ def group_norm(params: dict[str, Array], x: Array, *, num_groups: int, axis: int
         _core.check_state(params, {}, arg="params", layer=_LAYER, fix=fix)
     eps = _core.check_eps(eps, _LAYER)
 
-    # (..., C, ...) -> (..., G, C/G, ...): statistics per (example, group); the per-channel affine is applied in the
-    # same grouped layout, so nothing is expanded back per channel before the one fused normalize pass.
-    gshape = x.shape[:ax] + (g, c // g) + x.shape[ax + 1 :]
-    axes = tuple(i for i in range(1, len(gshape)) if i != ax)
-    pshape = tuple(g if i == ax else c // g if i == ax + 1 else 1 for i in range(len(gshape)))
-    scale = params["scale"].reshape(pshape) if params else None
-    bias = params["bias"].reshape(pshape) if params else None
-    return _core.normalize_batch(x.reshape(gshape), axes, eps, scale, bias)[0].reshape(x.shape)
+    # statistics per (example, group): a spatial reduction in x's own layout, then the channels of each group
+    # (see _core.sum_over); the per-channel affine is applied in the same layout, in one fused normalize pass.
+    bshape = _core.channel_shape(x.ndim, ax, c)
+    spatial = tuple(i for i in range(1, x.ndim) if i != ax)
+    scale = params["scale"].reshape(bshape) if params else None
+    bias = params["bias"].reshape(bshape) if params else None
+    return _core.normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g))[0]
