@@ -3,10 +3,11 @@
 Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--quick] [--out results]``
 Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
 For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
-warm-up (``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes), for jaxnorm
-channels-last, jaxnorm NCHW, flax.linen (channels-last) and torch (NCHW) if installed; the XLA floor (one jitted
-``x * a + b`` over the same tensor); and the compiled forward+backward programs' memory (temp + output bytes from
-``memory_analysis()``) for jaxnorm and Flax. Writes ``benchmark.json`` and prints the tables.
+warm-up, interleaved round-robin across implementations (``block_until_ready``; torch with all threads and
+``torch.no_grad`` for the forward passes), for jaxnorm channels-last, jaxnorm NCHW, flax.linen (channels-last)
+and torch (NCHW) if installed; the XLA floor (one jitted ``x * a + b`` over the same tensor); and the compiled
+forward+backward programs' memory (temp + output bytes from ``memory_analysis()``) for jaxnorm and Flax.
+Writes ``benchmark.json`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -35,15 +36,22 @@ QUICK_SHAPES = {"bn": [(4, 3, 5, 5), (8, 6)], "ln": [(8, 6)], "gn": [(2, 8, 3, 3
                 "rms": [(8, 6)]}
 
 
-def _median_ms(fn: Callable[[], object], runs: int, sync: Callable[[object], object]) -> float:
-    sync(fn())  # warm-up (and compile)
-    sync(fn())
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def _interleaved_medians(fns: dict[str, tuple[Callable[[], object], Callable[[object], object]]], runs: int):
+    """Median milliseconds of ``runs`` timed calls of each ``(fn, sync)``, after two warm-up calls (compile).
+
+    The calls are interleaved round-robin (one call of every function per round), so a slow phase of a shared
+    machine hits every implementation alike instead of whichever happened to be running then.
+    """
+    for fn, sync in fns.values():
         sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        sync(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for key, (fn, sync) in fns.items():
+            start = time.perf_counter()
+            sync(fn())
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _jax_fns(layer: str, shape, dtype, extra, impl: str):
@@ -142,20 +150,28 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch):
     import jax
 
     sync = lambda out: jax.block_until_ready(out)
-    row = {"case": name, "shape": list(shape), "dtype": dtype, "floor": _median_ms(_floor(shape, dtype), runs, sync)}
+    fns = {("floor", ""): (_floor(shape, dtype), sync)}
+    row = {"case": name, "shape": list(shape), "dtype": dtype}
     for impl in ("jaxnorm", "jaxnorm_nchw", "flax"):
         if impl == "jaxnorm_nchw" and (len(shape) == 2 or layer in ("ln", "rms")):
             continue  # no channel axis to move
         ft, fe, fb, (fb_jit, params, x) = _jax_fns(layer, shape, dtype, extra, impl)
-        row[impl] = {"fwd_train": _median_ms(ft, runs, sync), "fwd_eval": _median_ms(fe, runs, sync),
-                     "fwd_bwd": _median_ms(fb, runs, sync), "fwd_bwd_bytes": _memory(fb_jit, params, x)}
+        fns.update({(impl, "fwd_train"): (ft, sync), (impl, "fwd_eval"): (fe, sync), (impl, "fwd_bwd"): (fb, sync)})
+        row[impl] = {"fwd_bwd_bytes": _memory(fb_jit, params, x)}
     if with_torch:
         import torch
 
         ft, fe, fb = _torch_fns(layer, shape, dtype, extra)
-        row["torch"] = {k: _median_ms(f, runs, lambda out: out) for k, f in
-                        (("fwd_train", ft), ("fwd_eval", fe), ("fwd_bwd", fb))}
+        no_sync = lambda out: out
+        fns.update({("torch", "fwd_train"): (ft, no_sync), ("torch", "fwd_eval"): (fe, no_sync),
+                    ("torch", "fwd_bwd"): (fb, no_sync)})
+        row["torch"] = {}
         row["torch_threads"] = torch.get_num_threads()
+    for (impl, mode), ms in _interleaved_medians(fns, runs).items():
+        if impl == "floor":
+            row["floor"] = ms
+        else:
+            row[impl][mode] = ms
     return row
 
 
