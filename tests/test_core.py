@@ -94,6 +94,36 @@ def test_large_mean_small_spread_is_stable(loc):
     np.testing.assert_allclose(y, ref, atol=2e-3 if loc == 1e4 else 5e-2)
 
 
+
+@pytest.mark.parametrize("layer", ["batch", "layer", "group", "instance"])
+def test_statistics_stay_exact_when_the_shift_subsample_is_an_outlier(layer):
+    """The statistics' shift is the mean of a prefix of each group (1/64 of it, at least 64 values); put that whole
+    prefix +30 std away from the other values (mean 1e4) and check output and variance against float64."""
+    rng = np.random.default_rng(3)
+    shape = {"batch": (256, 4), "layer": (4, 256), "group": (2, 4, 128), "instance": (2, 3, 256)}[layer]
+    xn = 1e4 + rng.normal(size=shape)
+    first = 0 if layer == "batch" else (1 if layer == "layer" else 2)  # the first reduced axis
+    index = [slice(None)] * len(shape)
+    index[first] = slice(0, 32 if layer == "group" else 64)  # exactly the values the shift is taken from
+    xn[tuple(index)] += 30.0
+    x = jnp.asarray(xn, jnp.float32)
+    xd = np.asarray(x, np.float64)
+    if layer == "batch":
+        y, _ = jaxnorm.batch_norm({}, {}, x, training=True)
+        axes = (0,)
+    elif layer == "layer":
+        y, axes = jaxnorm.layer_norm({}, x, normalized_shape=256), (1,)
+    elif layer == "group":  # 2 groups of 2 channels: the prefix along the length axis lies in every group
+        y = jaxnorm.group_norm({}, x, num_groups=2)
+        xd = xd.reshape(2, 2, 2, 128)
+        axes = (2, 3)
+    else:
+        y, _ = jaxnorm.instance_norm({}, {}, x, training=True)
+        axes = (2,)
+    ref = (xd - xd.mean(axes, keepdims=True)) / np.sqrt(xd.var(axes, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(ref.shape), ref, atol=2e-3)
+    np.testing.assert_allclose(np.var(np.asarray(y, np.float64).reshape(ref.shape), axes), 1, atol=1e-4)
+
 def test_constant_channel_gives_zero_and_finite_grads():
     x = jnp.full((4, 3, 5), 2.5, jnp.float32)
     params, stats = jaxnorm.batch_norm_init(3)
