@@ -248,9 +248,9 @@ def _subsample_mean(xf: Array, axes: tuple[int, ...], groups: tuple[int, int] | 
     within 8 std of the mean whatever the data (typically within std / sqrt(m)), which bounds the cancellation in
     ``sum((x - shift)^2) - sum(x - shift)^2 / n`` to a relative error of about (1 + n/m) * eps * log2(n).
     """
-    if not axes:
+    a0 = min(axes, default=xf.ndim - 1)
+    if a0 == xf.ndim - 1:  # rows along the minor axis (layer norm over one dim): a full row mean is as cheap
         return sum_over(xf, axes, groups) / n
-    a0 = min(axes)
     per_slice = n / xf.shape[a0]  # values of one group in one index of axis a0
     j = max(-(-xf.shape[a0] // SUBSAMPLE_RATIO), int(np.ceil(SUBSAMPLE_MIN / per_slice)))
     if j >= xf.shape[a0]:

@@ -104,7 +104,8 @@ def test_statistics_stay_exact_when_the_shift_subsample_is_an_outlier(layer):
     xn = 1e4 + rng.normal(size=shape)
     first = 0 if layer == "batch" else (1 if layer == "layer" else 2)  # the first reduced axis
     index = [slice(None)] * len(shape)
-    index[first] = slice(0, 32 if layer == "group" else 64)  # exactly the values the shift is taken from
+    # exactly the values the shift is taken from (layer norm over one minor axis takes the full row mean instead)
+    index[first] = slice(0, 32 if layer == "group" else 64)
     xn[tuple(index)] += 30.0
     x = jnp.asarray(xn, jnp.float32)
     xd = np.asarray(x, np.float64)
