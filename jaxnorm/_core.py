@@ -271,8 +271,8 @@ def sum_over(t: Array, axes: tuple[int, ...], groups: tuple[int, int] | None = N
     ``groups=(axis, G)`` then also sums the channels on ``axis`` within each of ``G`` contiguous groups and gives
     every channel its group's sum: group norm reduces spatially in the input's own layout first, which XLA:CPU
     does ~10x faster than one reduction over a ``(..., G, C/G)`` view in channels-last layout (measured).
-    A reduction over some middle axes *and* a trailing block runs as two: the middle axes first (keeping the
-    contiguous minor dims), then the trailing block.
+    A reduction over some outer axes *and* a trailing block (batch norm in NCHW: ``(0, 2, 3)``) runs as two: the
+    outer axes first (keeping the contiguous minor dims), then the trailing block (measured ~10% faster).
     """
     if groups is not None:
         return group_combine(sum_over(t, axes), groups)
