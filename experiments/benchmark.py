@@ -3,11 +3,12 @@
 Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--quick] [--out results]``
 Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
 For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
-warm-up, interleaved round-robin across implementations (``block_until_ready``; torch with all threads and
-``torch.no_grad`` for the forward passes), for jaxnorm channels-last, jaxnorm NCHW, flax.linen (channels-last)
-and torch (NCHW) if installed; the XLA floor (one jitted ``x * a + b`` over the same tensor); and the compiled
-forward+backward programs' memory (temp + output bytes from ``memory_analysis()``) for jaxnorm and Flax.
-Writes ``benchmark.json`` and prints the tables.
+warm-up, interleaved round-robin across implementations, each after a short idle gap and an untimed call
+(``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes), for jaxnorm
+channels-last, jaxnorm NCHW, flax.linen (channels-last) and torch (NCHW) if installed; the XLA floor (one jitted
+``x * a + b`` over the same tensor); and the compiled forward+backward programs' memory (temp + output bytes from
+``memory_analysis()``) for jaxnorm and Flax. Ratios are medians of per-round ratios. Writes ``benchmark.json``
+and prints the tables.
 """
 
 from __future__ import annotations
@@ -36,11 +37,21 @@ QUICK_SHAPES = {"bn": [(4, 3, 5, 5), (8, 6)], "ln": [(8, 6)], "gn": [(2, 8, 3, 3
                 "rms": [(8, 6)]}
 
 
-def _interleaved_medians(fns: dict[str, tuple[Callable[[], object], Callable[[object], object]]], runs: int):
-    """Median milliseconds of ``runs`` timed calls of each ``(fn, sync)``, after two warm-up calls (compile).
+SETTLE_S = 0.03  # idle time between implementations (see _interleaved_times)
+
+
+def _interleaved_times(fns: dict[str, tuple[Callable[[], object], Callable[[object], object]]], runs: int,
+                       settle: float = SETTLE_S) -> dict[str, list[float]]:
+    """Milliseconds of ``runs`` timed calls of each ``(fn, sync)``, after two warm-up calls (compile).
 
     The calls are interleaved round-robin (one call of every function per round), so a slow phase of a shared
-    machine hits every implementation alike instead of whichever happened to be running then.
+    machine hits every implementation alike instead of whichever happened to be running then. Within a round each
+    implementation gets ``settle`` seconds idle, one untimed call, then its timed call: PyTorch's OpenMP workers
+    spin for ~10 ms after a call returns, and on a 2-core machine that made the next JAX calls 2-5x slower
+    (measured: the floor went from 4.0 to 9-20 ms right after a torch call, 4.1-4.5 ms after a 10-50 ms gap),
+    while a torch call right after an idle gap pays for waking its sleeping workers (a 64x10 batch norm: 0.16 ms
+    back to back, 0.74 ms after 30 ms idle). The untimed call wakes each framework's threads, as in a training
+    loop, and the gap keeps one framework's spinning threads off the next one's cores.
     """
     for fn, sync in fns.values():
         sync(fn())
@@ -48,10 +59,13 @@ def _interleaved_medians(fns: dict[str, tuple[Callable[[], object], Callable[[ob
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for key, (fn, sync) in fns.items():
+            if settle:
+                time.sleep(settle)
+            sync(fn())
             start = time.perf_counter()
             sync(fn())
             times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def _jax_fns(layer: str, shape, dtype, extra, impl: str):
@@ -146,7 +160,7 @@ def _memory(fwd_bwd, params, x) -> int:
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else -1
 
 
-def run_case(name, layer, shape, dtype, extra, runs, with_torch):
+def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S):
     import jax
 
     sync = lambda out: jax.block_until_ready(out)
@@ -167,20 +181,29 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch):
                     ("torch", "fwd_bwd"): (fb, no_sync)})
         row["torch"] = {}
         row["torch_threads"] = torch.get_num_threads()
-    for (impl, mode), ms in _interleaved_medians(fns, runs).items():
+    times = _interleaved_times(fns, runs, settle)
+    for (impl, mode), ts in times.items():
         if impl == "floor":
-            row["floor"] = ms
+            row["floor"] = statistics.median(ts)
         else:
-            row[impl][mode] = ms
+            row[impl][mode] = statistics.median(ts)
+    row["ratios"] = ratios(row, times)
     return row
 
 
-def ratios(row) -> dict:
+def ratios(row, times) -> dict:
+    """jaxnorm / best peer and jaxnorm / floor as the median over rounds of the ratio within each round.
+
+    A round times every implementation back to back, so its ratio cancels the slow phases of a shared machine
+    that shift all of a round's timings together (the medians of the table move by up to 2x between runs here;
+    these ratios much less). The best peer is the one with the lowest median time.
+    """
     out = {}
+    per_round = lambda a, b: statistics.median(x / y for x, y in zip(a, b, strict=True))
     for mode in ("fwd_train", "fwd_eval", "fwd_bwd"):
-        peers = [row[p][mode] for p in ("flax", "torch") if p in row]
-        out[f"{mode}/best_peer"] = row["jaxnorm"][mode] / min(peers)
-        out[f"{mode}/floor"] = row["jaxnorm"][mode] / row["floor"]
+        best = min((p for p in ("flax", "torch") if p in row), key=lambda p: row[p][mode])
+        out[f"{mode}/best_peer"] = per_round(times[("jaxnorm", mode)], times[(best, mode)])
+        out[f"{mode}/floor"] = per_round(times[("jaxnorm", mode)], times[("floor", "")])
     out["fwd_bwd_bytes/flax"] = row["jaxnorm"]["fwd_bwd_bytes"] / max(row["flax"]["fwd_bwd_bytes"], 1)
     return out
 
@@ -224,24 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cases = {f"{layer} {'x'.join(map(str, s))}": (layer, s, "float32", {"groups": 2} if layer == "gn" else {})
                  for layer, shapes in QUICK_SHAPES.items() for s in shapes}
-        runs = 3
+        runs, settle = 3, 0.0
     else:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in CASES]
         if unknown:
             parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
         cases = {k: v for k, v in CASES.items() if not wanted or k in wanted}
-        runs = max(args.runs, 15)
+        runs, settle = max(args.runs, 15), SETTLE_S
     rows = []
     for name, (layer, shape, dtype, extra) in cases.items():
-        row = run_case(name, layer, shape, dtype, extra, runs, with_torch)
-        row["ratios"] = ratios(row)
+        row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle)
         rows.append(row)
         print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.2f} ms, floor {row['floor']:.2f} ms",
               flush=True)
     import jax
 
     meta = {"jax": jax.__version__, "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs,
+            "settle_s": settle,
             "torch": __import__("torch").__version__ if with_torch else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
