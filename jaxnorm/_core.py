@@ -2,9 +2,9 @@
 
 Nothing here creates parameters or holds state; every function takes everything it needs as arguments.
 Statistics are computed in ``promote_types(x.dtype, float32)`` (float32 for float16/bfloat16/float32 inputs,
-float64 for float64 inputs) as shifted sums ``sum(x - m)`` and ``sum((x - m)^2)`` around a shift ``m`` provably
-within a few std of the mean (see ``moments``), so a channel whose mean is large against its spread loses no digits
-to ``E[x^2] - E[x]^2`` cancellation.
+float64 for float64 inputs) in one fused pass (``sum(x)``, ``sum(x^2)``) where that is provably accurate, else as
+shifted sums around the one-pass mean (see ``_checked_one_pass``), so a channel whose mean is large against its
+spread loses no digits to ``E[x^2] - E[x]^2`` cancellation.
 """
 
 from __future__ import annotations
@@ -202,9 +202,7 @@ def moments(
         safe = jnp.maximum(count, 1)
         shift = red(jnp.where(maskb, xf, 0)) / safe
         d = jnp.where(maskb, xf - shift, 0)
-        s1, s2 = red(d), red(jnp.square(d))
-        mean = shift + s1 / safe
-        m2 = s2 - jnp.square(s1) / safe
+        mean, m2 = _shifted_sums(red, d, d, shift, safe)
     if axis_name is not None:
         count = jnp.broadcast_to(count, mean.shape)
         # One collective for all statistics: each device writes its (count, mean, M2) into its own slot and a psum
@@ -252,10 +250,18 @@ def _checked_one_pass(xf: Array, red: Callable[[Array], Array], n: float) -> tup
 
     def shifted(m):
         m_a, m_b = jax.lax.optimization_barrier((m, m))
-        t1, t2 = red(xf - m_a), red(jnp.square(xf - m_b))
-        return m + t1 / n, t2 - jnp.square(t1) / n
+        return _shifted_sums(red, xf - m_a, xf - m_b, m, n)
 
     return jax.lax.cond(one_pass_ok, lambda m: (m, var * n), shifted, m)
+
+
+def _shifted_sums(red: Callable[[Array], Array], d_a: Array, d_b: Array, shift: Array, count: Any):
+    """(mean, M2) from deviations ``d = x - shift`` (Chan, Golub & LeVeque): ``sum(d)`` repairs the shift's offset.
+
+    ``d_a`` and ``d_b`` are the same deviations, given twice so each reduction can fuse its own copy.
+    """
+    t1, t2 = red(d_a), red(jnp.square(d_b))
+    return shift + t1 / count, t2 - jnp.square(t1) / count
 
 
 def group_count(shape: Sequence[int], axes: Sequence[int], groups: tuple[int, int] | None = None) -> float:
