@@ -2,9 +2,10 @@
 
 Nothing here creates parameters or holds state; every function takes everything it needs as arguments.
 Statistics are computed in ``promote_types(x.dtype, float32)`` (float32 for float16/bfloat16/float32 inputs,
-float64 for float64 inputs) in one fused pass (``sum(x)``, ``sum(x^2)``) where that is provably accurate, else as
-shifted sums around the one-pass mean (see ``_checked_one_pass``), so a channel whose mean is large against its
-spread loses no digits to ``E[x^2] - E[x]^2`` cancellation.
+float64 for float64 inputs), never losing digits to ``E[x^2] - E[x]^2`` cancellation when a channel's mean is large
+against its spread: over many contiguous rows (layer norm) by the two-pass row formula, which XLA:CPU fuses with
+the normalization into one kernel (``_row_moments``); otherwise from ``sum(x)`` and ``sum(x^2)`` where that is
+provably accurate, else as shifted sums around the one-pass mean (``_checked_one_pass``).
 """
 
 from __future__ import annotations
@@ -195,7 +196,11 @@ def moments(
     if mask is None:
         n = group_count(x.shape, axes, groups)
         count = jnp.full((1,) * x.ndim, n, dtype)
-        mean, m2 = _checked_one_pass(xf, red, n)
+        rows = _contiguous_rows(x.shape, axes, groups)
+        if rows is not None:
+            mean, m2 = _row_moments(xf, rows, groups)
+        else:
+            mean, m2 = _checked_one_pass(xf, red, n)
     else:
         maskb = jnp.broadcast_to(mask, x.shape)
         count = red(maskb.astype(dtype))
@@ -224,13 +229,58 @@ def moments(
     return mean, jnp.maximum(var, 0), count
 
 
+ROW_FUSION_MIN_ROWS = 4096  # row statistics from this many rows on (see _contiguous_rows)
+
+
+def _contiguous_rows(shape: Sequence[int], axes: tuple[int, ...], groups: tuple[int, int] | None):
+    """``shape`` as ``(rows..., row_length)`` when each statistic pools one contiguous row and XLA:CPU fuses them.
+
+    Rows: the reduced axes are the trailing block (layer norm; instance norm in NCHW), or, with ``groups``, the
+    trailing block right after the channel axis (group norm in NCHW: a group's channels are adjacent). With at
+    least ``ROW_FUSION_MIN_ROWS`` rows XLA:CPU (jax 0.10) compiles the row statistics and the normalization into
+    one row-wise kernel; with fewer it does not, and the checked one-pass sums, two independent reductions that
+    run side by side, are faster (measured: instance norm 16x64x64x64 4.4 -> 4.9 ms with rows).
+    """
+    k = len(shape) - len(axes)
+    if not axes or tuple(sorted(axes)) != tuple(range(k, len(shape))):
+        return None
+    if groups is None:
+        rows = tuple(shape[:k]) + (-1,)
+    elif groups[0] == k - 1:
+        rows = tuple(shape[: k - 1]) + (groups[1], -1)
+    else:
+        return None
+    return rows if np.prod(rows[:-1]) >= ROW_FUSION_MIN_ROWS else None
+
+
+def _row_moments(xf: Array, rows: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
+    """(mean, M2) of contiguous rows by the exact two-pass formula: ``M2 = sum((x - mean)^2)``.
+
+    A row is contiguous, so XLA:CPU fuses both reductions and the normalization that follows into one kernel
+    that walks the rows (measured: layer norm's forward becomes a single fusion, one read of x and one write of
+    y). No cancellation to guard against: the mean's rounding (eps * log2(n) * |mean|) enters M2 only squared,
+    below the rounding already in x itself.
+    """
+    flat = xf.reshape(rows)
+    n = flat.shape[-1]
+    mean = jnp.sum(flat, -1, keepdims=True) / n
+    m2 = jnp.sum(jnp.square(flat - jax.lax.optimization_barrier(mean)), -1, keepdims=True)
+    if groups is not None:  # one statistic per group -> one per channel: (..., G, 1) -> (..., C, 1)
+        ax, g = groups
+        mean, m2 = (jnp.repeat(t, xf.shape[ax] // g, axis=ax) for t in (mean, m2))
+    keep = xf.shape[: len(rows) - 1] if groups is None else xf.shape[: groups[0] + 1]
+    shape = tuple(keep) + (1,) * (xf.ndim - len(keep))
+    return mean.reshape(shape), m2.reshape(shape)
+
+
 ONE_PASS_MAX_RATIO = 16.0  # the one-pass statistics stand when every group's mean^2 <= 16 x its variance
 
 
 def _checked_one_pass(xf: Array, red: Callable[[Array], Array], n: float) -> tuple[Array, Array]:
     """(mean, M2) from one fused pass when that is provably accurate, else from shifted sums around its mean.
 
-    One pass: ``sum(x)`` and ``sum(x^2)``, which XLA fuses into a single loop over x. ``E[x^2] - E[x]^2`` loses
+    One pass: ``sum(x)`` and ``sum(x^2)``, two independent reductions of x that XLA fuses into one loop or runs
+    side by side (XLA:CPU's YNNPACK reductions). ``E[x^2] - E[x]^2`` loses
     digits when |mean| >> std: with sums accurate to g = eps * log2(n) relative to sum(|x|), the variance's error is
     at most g * (2 * var + 4 * mean^2). So the pass is kept only when every group has ``mean^2 <= 16 * var`` (and
     a finite variance), which bounds the error by 66 * g (~1e-4 relative in float32 for a million values; random
@@ -432,11 +482,13 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
             dscale = None if scale is None else reduce_to(part_dyxc * inv, scale)
             dbias = None if bias is None else reduce_to(part_dy, bias)
         else:  # scale varies over the normalized axes (layer norm)
+            # a copy of inv per full-size consumer: sharing one made XLA:CPU write inv broadcast to x's shape
+            inv_dx, inv_ds = jax.lax.optimization_barrier((inv, inv))
             g = dyf * sf
             sum_g = red(g)
             sum_gxc = red(g * centred())
-            dx = inv * g - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = reduce_to(dyf * (centred() * inv), scale)
+            dx = inv_dx * g - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
+            dscale = reduce_to(dyf * (centred() * inv_ds), scale)
             dbias = None if bias is None else reduce_to(dyf, bias)
     # the paths through the returned mean and var (only when someone differentiates the batch statistics)
     if not _is_zero(dmean):
@@ -447,6 +499,7 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
 
 
 _normalize_batch_fused.defvjp(_normalize_batch_fwd, _normalize_batch_bwd, symbolic_zeros=True)
+
 
 
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:

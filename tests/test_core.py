@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
+from jaxnorm import _core
 from tests import registry
 
 # ------------------------------------------------------------------ the classic tutorials' worked examples
@@ -133,6 +134,37 @@ def test_statistics_stay_exact_on_both_sides_of_the_one_pass_limit(layer, offset
     bound = 66 * np.finfo(np.float32).eps * np.log2(np.prod([ref_shape[a] for a in axes]))
     np.testing.assert_allclose(yd, ref, atol=2e-3 if offset > 100 else 2 * bound)
     np.testing.assert_allclose(np.var(yd, axes), np.var(ref, axes), atol=1e-4 if offset > 100 else bound)
+
+
+ROW_CASES = {  # x shape, its reduced axes, float64 reference view, its reduced axes: >= ROW_FUSION_MIN_ROWS rows
+    "layer": ((4096, 16), (1,), (4096, 16), (1,)),
+    "instance": ((64, 64, 2, 8), (2, 3), (64, 64, 16), (2,)),
+    "group": ((1024, 8, 16), (2,), (1024, 4, 32), (2,)),  # 4 groups of 2 channels, NCHW
+}
+
+
+@pytest.mark.parametrize("layer", list(ROW_CASES))
+def test_row_statistics_are_exact_far_from_zero(layer):
+    """Trailing-axes statistics over many rows take the fused two-pass row path (_core._row_moments). Rows sit at
+    offsets from 0 to 1e4 std; output and variance must match float64 (E[x^2]-E[x]^2 would lose every digit)."""
+    shape, red, view, axes = ROW_CASES[layer]
+    assert _core._contiguous_rows(shape, red, (1, 4) if layer == "group" else None) is not None
+    rng = np.random.default_rng(5)
+    xr = rng.normal(size=view)
+    xr = (xr - xr.mean(axes, keepdims=True)) / xr.std(axes, keepdims=True)
+    xr = xr + 10.0 ** rng.integers(-1, 5, size=view[:-1] + (1,))  # per-row offsets 0.1 .. 1e4 std
+    x = jnp.asarray(xr.reshape(shape), jnp.float32)
+    if layer == "layer":
+        y = jaxnorm.layer_norm({}, x, normalized_shape=shape[-1])
+    elif layer == "instance":
+        y = jaxnorm.instance_norm({}, {}, x, training=True)[0]
+    else:
+        y = jaxnorm.group_norm({}, x, num_groups=4)
+    xd = np.asarray(x, np.float64).reshape(view)
+    ref = (xd - xd.mean(axes, keepdims=True)) / np.sqrt(xd.var(axes, keepdims=True) + 1e-5)
+    yd = np.asarray(y, np.float64).reshape(view)
+    np.testing.assert_allclose(yd, ref, atol=2e-3)  # 1e4 off zero the input resolves deviations to ulp(1e4)
+    np.testing.assert_allclose(np.var(yd, axes), np.var(ref, axes), atol=1e-4)
 
 
 def test_sums_of_squares_that_overflow_fall_back_to_the_shifted_statistics():
