@@ -5,7 +5,8 @@ Statistics are computed in ``promote_types(x.dtype, float32)`` (float32 for floa
 float64 for float64 inputs), never losing digits to ``E[x^2] - E[x]^2`` cancellation when a channel's mean is large
 against its spread: over many contiguous rows (layer norm) by the two-pass row formula, which XLA:CPU fuses with
 the normalization into one kernel (``_row_moments``); otherwise from ``sum(x)`` and ``sum(x^2)`` where that is
-provably accurate, else as shifted sums around the one-pass mean (``_checked_one_pass``).
+provably accurate, else as shifted sums around the one-pass mean (``_checked_one_pass``). Layer/instance/group/batch
+norm's gradient and RMS norm's are custom VJPs that save only x and the small statistics.
 """
 
 from __future__ import annotations
@@ -500,6 +501,48 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
 
 _normalize_batch_fused.defvjp(_normalize_batch_fwd, _normalize_batch_bwd, symbolic_zeros=True)
 
+
+def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None) -> Array:
+    """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``, with a custom VJP.
+
+    The VJP saves x and 1/rms and computes ``dx = inv * g - inv^3 / n * x * sum(g * x)`` (``g = dy * scale``) in
+    one fused pass: differentiating the forward instead made XLA:CPU write four full-size temporaries (the
+    broadcast scale, 1/rms, their product and ``x * dy``).
+    """
+    return _normalize_rms_fused(x, tuple(reduction_axes), float(eps), scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize_rms_fused(x, reduction_axes, eps, scale):
+    return normalize(x, None, mean_square(x, reduction_axes), eps, scale)
+
+
+def _normalize_rms_fwd(x, reduction_axes, eps, scale):
+    ms = mean_square(x, reduction_axes)
+    return normalize(x, None, ms, eps, scale), (x, jax.lax.rsqrt(ms + jnp.asarray(eps, ms.dtype)), scale)
+
+
+def _normalize_rms_bwd(axes, eps, res, dy):
+    x, inv, scale = res
+    dtype = inv.dtype
+    n = group_count(x.shape, axes)
+    # each full-size consumer gets its own copy of the small operands, so XLA:CPU broadcasts them inside its
+    # fusion instead of writing a full-size broadcast to memory and reading it back
+    inv_a, inv_b, inv_c = jax.lax.optimization_barrier((inv, inv, inv))
+    xf, dyf = x.astype(dtype), dy.astype(dtype)
+    if scale is None:
+        g, dscale = dyf, None
+    else:
+        s_a, s_b = jax.lax.optimization_barrier((scale, scale))
+        g = dyf * s_a.astype(dtype)
+        axes_s = tuple(i for i in range(x.ndim) if scale.shape[i] == 1 and x.shape[i] != 1)
+        dscale = sum_over(dyf * (xf * inv_c), axes_s).reshape(scale.shape).astype(scale.dtype)
+    sum_gx = sum_over((dyf if scale is None else dyf * s_b.astype(dtype)) * xf, axes)
+    dx = inv_a * g - (inv_b**3 / n) * sum_gx * xf
+    return dx.astype(x.dtype), dscale
+
+
+_normalize_rms_fused.defvjp(_normalize_rms_fwd, _normalize_rms_bwd)
 
 
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:

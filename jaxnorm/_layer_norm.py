@@ -91,5 +91,4 @@ def rms_norm(
     _check_trailing_params(params, shape, layer, [[], ["scale"]])
     eps = float(jnp.finfo(x.dtype).eps) if eps is None else _core.check_eps(eps, layer)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    ms = _core.mean_square(x, axes)
-    return _core.normalize(x, None, ms, eps, _lift(params.get("scale"), x.ndim))
+    return _core.normalize_rms(x, axes, eps, _lift(params.get("scale"), x.ndim))
