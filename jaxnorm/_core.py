@@ -199,9 +199,9 @@ def moments(
         count = jnp.full((1,) * x.ndim, n, dtype)
         rows = _contiguous_rows(x.shape, axes, groups)
         if rows is not None:
-            mean, m2 = _row_moments(xf, rows, groups)
+            mean, m2 = _row_moments(x, dtype, rows, groups)
         else:
-            mean, m2 = _checked_one_pass(xf, red, n)
+            mean, m2 = _checked_one_pass(x, dtype, red, n)
     else:
         maskb = jnp.broadcast_to(mask, x.shape)
         count = red(maskb.astype(dtype))
@@ -254,7 +254,7 @@ def _contiguous_rows(shape: Sequence[int], axes: tuple[int, ...], groups: tuple[
     return rows if np.prod(rows[:-1]) >= ROW_FUSION_MIN_ROWS else None
 
 
-def _row_moments(xf: Array, rows: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
+def _row_moments(x: Array, dtype: Any, rows: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
     """(mean, M2) of contiguous rows by the exact two-pass formula: ``M2 = sum((x - mean)^2)``.
 
     A row is contiguous, so XLA:CPU fuses both reductions and the normalization that follows into one kernel
@@ -262,22 +262,22 @@ def _row_moments(xf: Array, rows: tuple[int, ...], groups: tuple[int, int] | Non
     y). No cancellation to guard against: the mean's rounding (eps * log2(n) * |mean|) enters M2 only squared,
     below the rounding already in x itself.
     """
-    flat = xf.reshape(rows)
-    n = flat.shape[-1]
-    mean = jnp.sum(flat, -1, keepdims=True) / n
-    m2 = jnp.sum(jnp.square(flat - jax.lax.optimization_barrier(mean)), -1, keepdims=True)
+    x1, x2 = (c.reshape(rows) for c in _converted_copies(x, 2, dtype))
+    n = x1.shape[-1]
+    mean = jnp.sum(x1, -1, keepdims=True) / n
+    m2 = jnp.sum(jnp.square(x2 - jax.lax.optimization_barrier(mean)), -1, keepdims=True)
     if groups is not None:  # one statistic per group -> one per channel: (..., G, 1) -> (..., C, 1)
         ax, g = groups
-        mean, m2 = (jnp.repeat(t, xf.shape[ax] // g, axis=ax) for t in (mean, m2))
-    keep = xf.shape[: len(rows) - 1] if groups is None else xf.shape[: groups[0] + 1]
-    shape = tuple(keep) + (1,) * (xf.ndim - len(keep))
+        mean, m2 = (jnp.repeat(t, x.shape[ax] // g, axis=ax) for t in (mean, m2))
+    keep = x.shape[: len(rows) - 1] if groups is None else x.shape[: groups[0] + 1]
+    shape = tuple(keep) + (1,) * (x.ndim - len(keep))
     return mean.reshape(shape), m2.reshape(shape)
 
 
 ONE_PASS_MAX_RATIO = 16.0  # the one-pass statistics stand when every group's mean^2 <= 16 x its variance
 
 
-def _checked_one_pass(xf: Array, red: Callable[[Array], Array], n: float) -> tuple[Array, Array]:
+def _checked_one_pass(x: Array, dtype: Any, red: Callable[[Array], Array], n: float) -> tuple[Array, Array]:
     """(mean, M2) from one fused pass when that is provably accurate, else from shifted sums around its mean.
 
     One pass: ``sum(x)`` and ``sum(x^2)``, two independent reductions of x that XLA fuses into one loop or runs
@@ -294,14 +294,15 @@ def _checked_one_pass(xf: Array, red: Callable[[Array], Array], n: float) -> tup
     XLA:CPU fuses x - m into each reduction instead of writing x - m to memory (measured 2x slower).
     Under ``vmap`` the predicate is batched and the cond becomes a select: both branches run, still exact.
     """
-    s1, s2 = red(xf), red(jnp.square(xf))
+    xs = _converted_copies(x, 4, dtype)  # the fallback's two converted inside its branch
+    s1, s2 = red(next(xs)), red(jnp.square(next(xs)))
     m = s1 / n
     var = s2 / n - jnp.square(m)
     one_pass_ok = jnp.all(jnp.isfinite(var) & (jnp.square(m) <= ONE_PASS_MAX_RATIO * var))
 
     def shifted(m):
         m_a, m_b = jax.lax.optimization_barrier((m, m))
-        return _shifted_sums(red, xf - m_a, xf - m_b, m, n)
+        return _shifted_sums(red, next(xs) - m_a, next(xs) - m_b, m, n)
 
     return jax.lax.cond(one_pass_ok, lambda m: (m, var * n), shifted, m)
 
@@ -313,6 +314,18 @@ def _shifted_sums(red: Callable[[Array], Array], d_a: Array, d_b: Array, shift: 
     """
     t1, t2 = red(d_a), red(jnp.square(d_b))
     return shift + t1 / count, t2 - jnp.square(t1) / count
+
+
+def _converted_copies(t: Array, k: int, dtype: Any):
+    """An iterator over ``k`` copies of ``t`` in ``dtype``, one per full-size consumer.
+
+    A narrower ``t`` (bfloat16/float16) is converted lazily from its own copy behind an optimization barrier, so
+    each consumer converts inside its own fusion: one shared conversion made XLA:CPU write ``t`` in ``dtype`` to
+    memory and read it back (bfloat16 batch norm's forward 2x slower, measured).
+    """
+    if t.dtype == dtype:
+        return iter((t,) * k)
+    return (c.astype(dtype) for c in jax.lax.optimization_barrier((t,) * k))
 
 
 def group_count(shape: Sequence[int], axes: Sequence[int], groups: tuple[int, int] | None = None) -> float:
@@ -453,9 +466,12 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
     n = group_count(x.shape, axes, groups)
     red = functools.partial(sum_over, axes=axes, groups=groups)
     # every full-size consumer of x - mean gets its own copy of mean (as in moments), so XLA:CPU recomputes the
-    # subtraction inside each fusion instead of writing x - mean to memory and reading it back
-    means = iter(jax.lax.optimization_barrier((mean,) * 4))
-    centred = lambda: x.astype(dtype) - next(means)
+    # subtraction inside each fusion instead of writing x - mean to memory and reading it back; likewise its own
+    # conversion of a narrower x or dy
+    # (x and mean share one barrier: a barrier over x alone is identical to the forward's, and XLA would merge them)
+    x_copies, mean_copies = jax.lax.optimization_barrier(((x,) * 4, (mean,) * 4))
+    pairs, dys = zip(x_copies, mean_copies, strict=True), _converted_copies(dy, 5, dtype)
+    centred = lambda: (lambda xc, mc: xc.astype(dtype) - mc)(*next(pairs))
 
     def reduce_to(t, p):  # sum a cotangent down to a broadcast parameter's shape
         axes_p = tuple(i for i in range(x.ndim) if p.shape[i] == 1 and t.shape[i] != 1)
@@ -466,7 +482,6 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
         dscale = None if scale is None else jnp.zeros_like(scale)
         dbias = None if bias is None else jnp.zeros_like(bias)
     else:
-        dyf = dy.astype(dtype)
         sf = None if scale is None else scale.astype(dtype)
         # dx = inv * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale, xhat = xc * inv, written as
         # a * g + b + c * xc with per-group a, b, c from two sibling reductions, so nothing full-size is kept
@@ -475,22 +490,22 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
             # there, then scale the small partial sums (and pool a group's channels); dscale and dbias come from
             # the same two partial sums
             w = 1.0 if sf is None else sf
-            part_dy = sum_over(dyf, axes)
-            part_dyxc = sum_over(dyf * centred(), axes)
+            part_dy = sum_over(next(dys), axes)
+            part_dyxc = sum_over(next(dys) * centred(), axes)
             sum_g = group_combine(part_dy * w, groups)
             sum_gxc = group_combine(part_dyxc * w, groups)
-            dx = (inv * w) * dyf - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
+            dx = (inv * w) * next(dys) - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
             dscale = None if scale is None else reduce_to(part_dyxc * inv, scale)
             dbias = None if bias is None else reduce_to(part_dy, bias)
         else:  # scale varies over the normalized axes (layer norm)
             # a copy of inv per full-size consumer: sharing one made XLA:CPU write inv broadcast to x's shape
             inv_dx, inv_ds = jax.lax.optimization_barrier((inv, inv))
-            g = dyf * sf
-            sum_g = red(g)
-            sum_gxc = red(g * centred())
-            dx = inv_dx * g - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = reduce_to(dyf * (centred() * inv_ds), scale)
-            dbias = None if bias is None else reduce_to(dyf, bias)
+            g = lambda: next(dys) * sf
+            sum_g = red(g())
+            sum_gxc = red(g() * centred())
+            dx = inv_dx * g() - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
+            dscale = reduce_to(next(dys) * (centred() * inv_ds), scale)
+            dbias = None if bias is None else reduce_to(next(dys), bias)
     # the paths through the returned mean and var (only when someone differentiates the batch statistics)
     if not _is_zero(dmean):
         dx = dx + dmean.astype(dtype) / n
@@ -529,16 +544,17 @@ def _normalize_rms_bwd(axes, eps, res, dy):
     # each full-size consumer gets its own copy of the small operands, so XLA:CPU broadcasts them inside its
     # fusion instead of writing a full-size broadcast to memory and reading it back
     inv_a, inv_b, inv_c = jax.lax.optimization_barrier((inv, inv, inv))
-    xf, dyf = x.astype(dtype), dy.astype(dtype)
+    xs, dys = _converted_copies(x, 3, dtype), _converted_copies(dy, 3, dtype)
     if scale is None:
-        g, dscale = dyf, None
+        g, dscale = next(dys), None
+        sum_gx = sum_over(next(dys) * next(xs), axes)
     else:
         s_a, s_b = jax.lax.optimization_barrier((scale, scale))
-        g = dyf * s_a.astype(dtype)
+        g = next(dys) * s_a.astype(dtype)
+        sum_gx = sum_over(next(dys) * s_b.astype(dtype) * next(xs), axes)
         axes_s = tuple(i for i in range(x.ndim) if scale.shape[i] == 1 and x.shape[i] != 1)
-        dscale = sum_over(dyf * (xf * inv_c), axes_s).reshape(scale.shape).astype(scale.dtype)
-    sum_gx = sum_over((dyf if scale is None else dyf * s_b.astype(dtype)) * xf, axes)
-    dx = inv_a * g - (inv_b**3 / n) * sum_gx * xf
+        dscale = sum_over(next(dys) * (next(xs) * inv_c), axes_s).reshape(scale.shape).astype(scale.dtype)
+    dx = inv_a * g - (inv_b**3 / n) * sum_gx * next(xs)
     return dx.astype(x.dtype), dscale
 
 
