@@ -294,15 +294,15 @@ def _checked_one_pass(x: Array, dtype: Any, red: Callable[[Array], Array], n: fl
     XLA:CPU fuses x - m into each reduction instead of writing x - m to memory (measured 2x slower).
     Under ``vmap`` the predicate is batched and the cond becomes a select: both branches run, still exact.
     """
-    xs = _converted_copies(x, 4, dtype)  # the fallback's two converted inside its branch
+    xs = _converted_copies(x, 2, dtype)
     s1, s2 = red(next(xs)), red(jnp.square(next(xs)))
     m = s1 / n
     var = s2 / n - jnp.square(m)
     one_pass_ok = jnp.all(jnp.isfinite(var) & (jnp.square(m) <= ONE_PASS_MAX_RATIO * var))
 
-    def shifted(m):
-        m_a, m_b = jax.lax.optimization_barrier((m, m))
-        return _shifted_sums(red, next(xs) - m_a, next(xs) - m_b, m, n)
+    def shifted(m):  # x is converted inside the branch, so the fast path never pays for it
+        (x_a, x_b), (m_a, m_b) = jax.lax.optimization_barrier(((x, x), (m, m)))
+        return _shifted_sums(red, x_a.astype(dtype) - m_a, x_b.astype(dtype) - m_b, m, n)
 
     return jax.lax.cond(one_pass_ok, lambda m: (m, var * n), shifted, m)
 
