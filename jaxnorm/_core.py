@@ -193,7 +193,6 @@ def moments(
     axes = tuple(reduction_axes)
     red = functools.partial(sum_over, axes=axes, groups=groups)
     dtype = stats_dtype(x.dtype)
-    xf = x.astype(dtype)
     if mask is None:
         n = group_count(x.shape, axes, groups)
         count = jnp.full((1,) * x.ndim, n, dtype)
@@ -203,7 +202,7 @@ def moments(
         else:
             mean, m2 = _checked_one_pass(x, dtype, red, n)
     else:
-        maskb = jnp.broadcast_to(mask, x.shape)
+        xf, maskb = x.astype(dtype), jnp.broadcast_to(mask, x.shape)
         count = red(maskb.astype(dtype))
         safe = jnp.maximum(count, 1)
         shift = red(jnp.where(maskb, xf, 0)) / safe
@@ -294,8 +293,8 @@ def _checked_one_pass(x: Array, dtype: Any, red: Callable[[Array], Array], n: fl
     XLA:CPU fuses x - m into each reduction instead of writing x - m to memory (measured 2x slower).
     Under ``vmap`` the predicate is batched and the cond becomes a select: both branches run, still exact.
     """
-    xs = _converted_copies(x, 2, dtype)
-    s1, s2 = red(next(xs)), red(jnp.square(next(xs)))
+    x1, x2 = _converted_copies(x, 2, dtype)
+    s1, s2 = red(x1), red(jnp.square(x2))
     m = s1 / n
     var = s2 / n - jnp.square(m)
     one_pass_ok = jnp.all(jnp.isfinite(var) & (jnp.square(m) <= ONE_PASS_MAX_RATIO * var))
@@ -455,6 +454,12 @@ def _normalize_batch_fwd(x, reduction_axes, groups, eps, scale, bias):
     return (y, mean, var, count), (x, mean, inv, scale, bias)
 
 
+def _reduce_to(t: Array, p: Array) -> Array:
+    """Sum a cotangent ``t`` down to the shape and dtype of the broadcast parameter ``p`` (same rank)."""
+    axes = tuple(i for i in range(t.ndim) if p.shape[i] == 1 and t.shape[i] != 1)
+    return sum_over(t, axes).reshape(p.shape).astype(p.dtype)
+
+
 def _is_zero(t) -> bool:
     return isinstance(t, SymbolicZero)
 
@@ -472,10 +477,6 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
     x_copies, mean_copies = jax.lax.optimization_barrier(((x,) * 4, (mean,) * 4))
     pairs, dys = zip(x_copies, mean_copies, strict=True), _converted_copies(dy, 5, dtype)
     centred = lambda: (lambda xc, mc: xc.astype(dtype) - mc)(*next(pairs))
-
-    def reduce_to(t, p):  # sum a cotangent down to a broadcast parameter's shape
-        axes_p = tuple(i for i in range(x.ndim) if p.shape[i] == 1 and t.shape[i] != 1)
-        return sum_over(t, axes_p).reshape(p.shape).astype(p.dtype)
 
     if _is_zero(dy):
         dx = jnp.zeros(x.shape, dtype)
@@ -495,8 +496,8 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
             sum_g = group_combine(part_dy * w, groups)
             sum_gxc = group_combine(part_dyxc * w, groups)
             dx = (inv * w) * next(dys) - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = None if scale is None else reduce_to(part_dyxc * inv, scale)
-            dbias = None if bias is None else reduce_to(part_dy, bias)
+            dscale = None if scale is None else _reduce_to(part_dyxc * inv, scale)
+            dbias = None if bias is None else _reduce_to(part_dy, bias)
         else:  # scale varies over the normalized axes (layer norm)
             # a copy of inv per full-size consumer: sharing one made XLA:CPU write inv broadcast to x's shape
             inv_dx, inv_ds = jax.lax.optimization_barrier((inv, inv))
@@ -504,8 +505,8 @@ def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
             sum_g = red(g())
             sum_gxc = red(g() * centred())
             dx = inv_dx * g() - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = reduce_to(next(dys) * (centred() * inv_ds), scale)
-            dbias = None if bias is None else reduce_to(next(dys), bias)
+            dscale = _reduce_to(next(dys) * (centred() * inv_ds), scale)
+            dbias = None if bias is None else _reduce_to(next(dys), bias)
     # the paths through the returned mean and var (only when someone differentiates the batch statistics)
     if not _is_zero(dmean):
         dx = dx + dmean.astype(dtype) / n
@@ -552,8 +553,7 @@ def _normalize_rms_bwd(axes, eps, res, dy):
         s_a, s_b = jax.lax.optimization_barrier((scale, scale))
         g = next(dys) * s_a.astype(dtype)
         sum_gx = sum_over(next(dys) * s_b.astype(dtype) * next(xs), axes)
-        axes_s = tuple(i for i in range(x.ndim) if scale.shape[i] == 1 and x.shape[i] != 1)
-        dscale = sum_over(next(dys) * (next(xs) * inv_c), axes_s).reshape(scale.shape).astype(scale.dtype)
+        dscale = _reduce_to(next(dys) * (next(xs) * inv_c), scale)
     dx = inv_a * g - (inv_b**3 / n) * sum_gx * next(xs)
     return dx.astype(x.dtype), dscale
 
