@@ -5,8 +5,12 @@ Statistics are computed in ``promote_types(x.dtype, float32)`` (float32 for floa
 float64 for float64 inputs), never losing digits to ``E[x^2] - E[x]^2`` cancellation when a channel's mean is large
 against its spread: over many contiguous rows (layer norm) by the two-pass row formula, which XLA:CPU fuses with
 the normalization into one kernel (``_row_moments``); otherwise from ``sum(x)`` and ``sum(x^2)`` where that is
-provably accurate, else as shifted sums around the one-pass mean (``_checked_one_pass``). Layer/instance/group/batch
-norm's gradient and RMS norm's are custom VJPs that save only x and the small statistics.
+provably accurate, else as shifted sums around the one-pass mean (``_checked_one_pass``).
+
+Derivatives: layer/instance/group/batch norm and RMS norm share one ``jax.custom_jvp`` whose tangent rule
+(``_normalize_tangents``) is linear in the tangents, so forward mode uses it as written and reverse mode is JAX's
+transpose of it; every transformation works (jvp, jacfwd, linearize, grad, jacrev, both Hessian orders, under vmap,
+checkpoint and scan), and reverse mode saves only x and the small statistics.
 """
 
 from __future__ import annotations
@@ -426,139 +430,150 @@ def normalize_batch(
 ) -> tuple[Array, Array, Array, Array]:
     """Normalize ``x`` with its own statistics over ``reduction_axes``: returns ``(y, mean, var, count)``.
 
-    ``moments`` then ``normalize``. Without ``mask``/``axis_name`` this goes through a custom VJP that saves only
-    ``x``, the mean and 1/std and computes dx in one fused expression (the textbook batch-norm backward), instead
-    of differentiating the statistics' passes; the results are the same to rounding.
+    ``moments`` then ``normalize``. Without ``mask``/``axis_name`` the derivative is the closed-form tangent map
+    of ``_normalize_tangents`` (a ``custom_jvp``), so forward and reverse mode both get the textbook batch-norm
+    derivative instead of differentiating the statistics' passes; the results are the same to rounding.
     """
     if mask is None and axis_name is None:
-        return _normalize_batch_fused(x, tuple(reduction_axes), groups, float(eps), scale, bias)
+        axes = tuple(reduction_axes)
+        y, mean, var = _normalize_fused(x, axes, groups, float(eps), True, scale, bias)
+        count = jnp.full((1,) * x.ndim, group_count(x.shape, axes, groups), mean.dtype)
+        return y, mean, var, count
     mean, var, count = moments(
         x, reduction_axes, groups=groups, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
     )
     return normalize(x, mean, var, eps, scale, bias), mean, var, count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _normalize_batch_fused(x, reduction_axes, groups, eps, scale, bias):
-    mean, var, count = moments(x, reduction_axes, groups=groups)
-    return normalize(x, mean, var, eps, scale, bias), mean, var, count
+def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None) -> Array:
+    """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``.
+
+    Differentiated by the same closed-form tangent map as the centred layers (``_normalize_tangents`` with no
+    mean): reverse mode saves x and 1/rms only (differentiating the forward instead made XLA:CPU write four
+    full-size temporaries: the broadcast scale, 1/rms, their product and ``x * dy``).
+    """
+    return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, None)[0]
 
 
-def _normalize_batch_fwd(x, reduction_axes, groups, eps, scale, bias):
-    # symbolic_zeros=True: the primals arrive wrapped (``.value``), and cotangents nobody asked for arrive as
-    # SymbolicZero, so the usual case (only y is differentiated) skips the mean/var paths entirely
-    x, scale, bias = (None if a is None else a.value for a in (x, scale, bias))
-    mean, var, count = moments(x, reduction_axes, groups=groups)
+def _fused_statistics(x: Array, axes: tuple[int, ...], groups: tuple[int, int] | None, centre: bool):
+    """(mean, var) as ``moments`` computes them, or (None, mean(x**2)) for RMS normalization (``centre=False``)."""
+    if centre:
+        return moments(x, axes, groups=groups)[:2]
+    return None, mean_square(x, axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _normalize_fused(x, axes, groups, eps, centre, scale, bias):
+    """``(y, mean, var)`` of ``normalize`` with x's own statistics; the derivative is ``_normalize_tangents``."""
+    mean, var = _fused_statistics(x, axes, groups, centre)
+    return normalize(x, mean, var, eps, scale, bias), mean, var
+
+
+def _normalize_fused_jvp(axes, groups, eps, centre, primals, tangents):
+    x, scale, bias = primals
+    mean, var = _fused_statistics(x, axes, groups, centre)
     y = normalize(x, mean, var, eps, scale, bias)
     inv = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-    return (y, mean, var, count), (x, mean, inv, scale, bias)
+    # symbolic_zeros=True: an input nobody differentiates (x in a first layer, frozen params) arrives as a
+    # SymbolicZero, and the map leaves its terms out; output tangents it cannot reach come back as SymbolicZero
+    dots = [None if t is None or isinstance(t, SymbolicZero) else t for t in tangents]
+    y_dot, mean_dot, var_dot = jax.checkpoint(functools.partial(_normalize_tangents, axes, groups))(
+        x, mean, inv, scale, *dots
+    )
+    zero = lambda p: SymbolicZero(jax.typeof(p).to_tangent_aval())
+    mean_dot = None if mean is None else (zero(mean) if mean_dot is None else mean_dot)
+    return (y, mean, var), (y_dot, mean_dot, zero(var) if var_dot is None else var_dot)
 
 
-def _reduce_to(t: Array, p: Array) -> Array:
-    """Sum a cotangent ``t`` down to the shape and dtype of the broadcast parameter ``p`` (same rank)."""
-    axes = tuple(i for i in range(t.ndim) if p.shape[i] == 1 and t.shape[i] != 1)
-    return sum_over(t, axes).reshape(p.shape).astype(p.dtype)
+_normalize_fused.defjvp(_normalize_fused_jvp, symbolic_zeros=True)
 
 
-def _is_zero(t) -> bool:
-    return isinstance(t, SymbolicZero)
+def _normalize_tangents(axes, groups, x, mean, inv, scale, x_dot, scale_dot, bias_dot):
+    """Tangents ``(y_dot, mean_dot, var_dot)`` of ``y = (x - mean) * inv * scale + bias`` with x's own statistics.
 
+    ``inv = rsqrt(var + eps)``; ``mean=None`` is RMS normalization (``var`` is then ``mean(x**2)``, nothing is
+    centred, and ``mean_dot`` is None); a None tangent is a zero one. With ``xc = x - mean`` and ``n`` values per
+    statistic::
 
-def _normalize_batch_bwd(axes, groups, eps, res, cotangents):
-    x, mean, inv, scale, bias = res
-    dy, dmean, dvar, _ = cotangents
-    dtype = mean.dtype
+        mean_dot = sum(x_dot) / n,   var_dot = 2 * sum(x_dot * xc) / n
+        y_dot = inv * scale * (x_dot - mean_dot) - xc * (inv**3 * scale * var_dot / 2 - inv * scale_dot) + bias_dot
+
+    This is the one statement of the layers' derivative. It is linear in the tangents, so forward mode evaluates
+    it as written and reverse mode is JAX's transpose of it: ``dx = inv * g - inv / n * sum(g) - inv**3 / n * xc *
+    sum(g * xc)`` with ``g = dy * scale``, ``dscale = sum(dy * xc) * inv``, ``dbias = sum(dy)``, plus the paths
+    through ``mean``/``var`` when those are differentiated. The caller runs it under ``jax.checkpoint``, so reverse
+    mode saves only its inputs (x and the small statistics) and recomputes ``x - mean`` in the backward pass.
+
+    Written for the compiled program, which both modes share (each point measured on XLA:CPU, jax 0.10):
+
+    - per-group coefficients are formed on the small statistics before they meet a full-size array, so the
+      transpose reduces ``dy`` and ``dy * xc`` once each and scales the small sums; where ``scale`` is constant
+      over the reduced axes the ``var_dot`` and ``scale_dot`` terms share one ``xc``, so ``dscale`` reuses
+      ``sum(dy * xc)``;
+    - every full-size consumer gets its own copy of the primal operands (one optimization barrier), so XLA
+      recomputes ``x - mean`` and broadcasts inside each fusion: a shared ``inv`` was written broadcast to x's
+      full shape, and a shared ``dy * scale`` was written out at small sizes;
+    - no reduction ends in ``broadcast(v) * computed``: XLA:CPU rewrites that into a matrix-vector product that
+      writes the computed operand to memory (``sum(inv * (dy * xc))`` for layer norm's dscale took 4.5x as long
+      as ``sum(dy * (xc * inv))``);
+    - for a narrower ``x`` (bfloat16/float16) the tangent is rounded to x's dtype in parts (see the end), so
+      forward mode's ``y_dot`` is exact to the rounding of its parts rather than of their sum.
+    """
+    dtype = inv.dtype
     n = group_count(x.shape, axes, groups)
     red = functools.partial(sum_over, axes=axes, groups=groups)
-    # every full-size consumer of x - mean gets its own copy of mean (as in moments), so XLA:CPU recomputes the
-    # subtraction inside each fusion instead of writing x - mean to memory and reading it back; likewise its own
-    # conversion of a narrower x or dy
-    # (x and mean share one barrier: a barrier over x alone is identical to the forward's, and XLA would merge them)
-    x_copies, mean_copies = jax.lax.optimization_barrier(((x,) * 4, (mean,) * 4))
-    pairs, dys = zip(x_copies, mean_copies, strict=True), _converted_copies(dy, 5, dtype)
-    centred = lambda: (lambda xc, mc: xc.astype(dtype) - mc)(*next(pairs))
+    # scale constant over the reduced axes (batch/instance/group norm): the scale goes into the per-group
+    # coefficients; else (layer/RMS norm) it multiplies each term of the normalized tangent (its own copy each)
+    per_group = scale is None or all(scale.shape[a] == 1 for a in axes)
+    xs, ms, invs, scales = (
+        iter(c) for c in jax.lax.optimization_barrier(((x,) * 3, (mean,) * 3, (inv,) * 4, (scale,) * 3))
+    )
+    sf = None if scale is None else scale.astype(dtype)
 
-    if _is_zero(dy):
-        dx = jnp.zeros(x.shape, dtype)
-        dscale = None if scale is None else jnp.zeros_like(scale)
-        dbias = None if bias is None else jnp.zeros_like(bias)
+    def centred():  # x - mean in the statistics dtype, from its own copies
+        xc, m = next(xs).astype(dtype), next(ms)
+        return xc if m is None else xc - m
+
+    def scaled(c):  # scale * c for a per-group coefficient c (batch/instance/group norm)
+        return c if sf is None or not per_group else sf * c
+
+    terms, xc_coefs, mean_dot, var_dot = [], [], None, None
+    if x_dot is not None:
+        xd = x_dot.astype(dtype)
+        # from the raw sums, with the constants folded into one coefficient each (fewer per-group operations
+        # in the transposed program's fused loops)
+        sum_xd = None if mean is None else red(xd)
+        sum_xdxc = red(xd * centred())
+        mean_dot = None if mean is None else sum_xd / n
+        var_dot = sum_xdxc * (2.0 / n)
+        terms.append(scaled(next(invs)) * xd)
+        if sum_xd is not None:
+            terms.append(scaled(next(invs) * (-1.0 / n)) * sum_xd)
+        xc_coefs.append(scaled(next(invs) ** 3 * (-1.0 / n)) * sum_xdxc)
+        if not per_group:
+            # scale * (normalized tangent), a copy of scale per term: the transpose forms dy * scale inside each
+            # consumer (dx's loop and each row reduction) instead of writing it to memory for all of them
+            terms = [next(scales).astype(dtype) * t for t in terms + [xc_coefs.pop() * centred()]]
+    if scale_dot is not None and per_group:
+        xc_coefs.append(next(invs) * scale_dot.astype(dtype))
+    elif scale_dot is not None:  # xhat * scale_dot: the transpose is sum(dy * xhat), never sum(inv * (dy * xc))
+        terms.append((centred() * next(invs)) * scale_dot.astype(dtype))
+    if xc_coefs:  # one full-size xc term: for batch norm, its transpose gives dscale from sum(dy * xc)
+        terms.append(functools.reduce(jnp.add, xc_coefs) * centred())
+    if bias_dot is not None:
+        terms.append(bias_dot.astype(dtype))
+    # the small (broadcast) terms are summed first: their transposes share one reduction of dy
+    small = [t for t in terms if t.shape != x.shape]
+    parts = [t for t in terms if t.shape == x.shape] + ([functools.reduce(jnp.add, small)] if small else [])
+    if x.dtype == dtype or len(parts) == 1:
+        y_dot = jnp.broadcast_to(functools.reduce(jnp.add, parts), x.shape).astype(x.dtype)
     else:
-        sf = None if scale is None else scale.astype(dtype)
-        # dx = inv * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale, xhat = xc * inv, written as
-        # a * g + b + c * xc with per-group a, b, c from two sibling reductions, so nothing full-size is kept
-        if sf is None or all(sf.shape[a] == 1 for a in axes):
-            # scale is constant over the reduced axes (batch/instance/group norm): reduce dy and dy * (x - mean)
-            # there, then scale the small partial sums (and pool a group's channels); dscale and dbias come from
-            # the same two partial sums
-            w = 1.0 if sf is None else sf
-            part_dy = sum_over(next(dys), axes)
-            part_dyxc = sum_over(next(dys) * centred(), axes)
-            sum_g = group_combine(part_dy * w, groups)
-            sum_gxc = group_combine(part_dyxc * w, groups)
-            dx = (inv * w) * next(dys) - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = None if scale is None else _reduce_to(part_dyxc * inv, scale)
-            dbias = None if bias is None else _reduce_to(part_dy, bias)
-        else:  # scale varies over the normalized axes (layer norm)
-            # a copy of inv per full-size consumer: sharing one made XLA:CPU write inv broadcast to x's shape
-            inv_dx, inv_ds = jax.lax.optimization_barrier((inv, inv))
-            g = lambda: next(dys) * sf
-            sum_g = red(g())
-            sum_gxc = red(g() * centred())
-            dx = inv_dx * g() - (inv / n) * sum_g - (inv**3 / n) * sum_gxc * centred()
-            dscale = _reduce_to(next(dys) * (centred() * inv_ds), scale)
-            dbias = None if bias is None else _reduce_to(next(dys), bias)
-    # the paths through the returned mean and var (only when someone differentiates the batch statistics)
-    if not _is_zero(dmean):
-        dx = dx + dmean.astype(dtype) / n
-    if not _is_zero(dvar):
-        dx = dx + dvar.astype(dtype) * (2.0 / n) * centred()
-    return dx.astype(x.dtype), dscale, dbias
-
-
-_normalize_batch_fused.defvjp(_normalize_batch_fwd, _normalize_batch_bwd, symbolic_zeros=True)
-
-
-def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None) -> Array:
-    """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``, with a custom VJP.
-
-    The VJP saves x and 1/rms and computes ``dx = inv * g - inv^3 / n * x * sum(g * x)`` (``g = dy * scale``) in
-    one fused pass: differentiating the forward instead made XLA:CPU write four full-size temporaries (the
-    broadcast scale, 1/rms, their product and ``x * dy``).
-    """
-    return _normalize_rms_fused(x, tuple(reduction_axes), float(eps), scale)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _normalize_rms_fused(x, reduction_axes, eps, scale):
-    return normalize(x, None, mean_square(x, reduction_axes), eps, scale)
-
-
-def _normalize_rms_fwd(x, reduction_axes, eps, scale):
-    ms = mean_square(x, reduction_axes)
-    return normalize(x, None, ms, eps, scale), (x, jax.lax.rsqrt(ms + jnp.asarray(eps, ms.dtype)), scale)
-
-
-def _normalize_rms_bwd(axes, eps, res, dy):
-    x, inv, scale = res
-    dtype = inv.dtype
-    n = group_count(x.shape, axes)
-    # each full-size consumer gets its own copy of the small operands, so XLA:CPU broadcasts them inside its
-    # fusion instead of writing a full-size broadcast to memory and reading it back
-    inv_a, inv_b, inv_c = jax.lax.optimization_barrier((inv, inv, inv))
-    xs, dys = _converted_copies(x, 3, dtype), _converted_copies(dy, 3, dtype)
-    if scale is None:
-        g, dscale = next(dys), None
-        sum_gx = sum_over(next(dys) * next(xs), axes)
-    else:
-        s_a, s_b = jax.lax.optimization_barrier((scale, scale))
-        g = next(dys) * s_a.astype(dtype)
-        sum_gx = sum_over(next(dys) * s_b.astype(dtype) * next(xs), axes)
-        dscale = _reduce_to(next(dys) * (next(xs) * inv_c), scale)
-    dx = inv_a * g - (inv_b**3 / n) * sum_gx * next(xs)
-    return dx.astype(x.dtype), dscale
-
-
-_normalize_rms_fused.defvjp(_normalize_rms_fwd, _normalize_rms_bwd)
+        # a narrower x (bfloat16/float16): each part is rounded on its own and the parts meet behind one barrier,
+        # so the transpose converts its own copy of dy for each consumer; one shared conversion made XLA:CPU write
+        # dy in float32 to memory and read it back (bfloat16 batch norm's backward ~1.9x slower, measured)
+        parts = jax.lax.optimization_barrier(tuple(jnp.broadcast_to(p, x.shape).astype(x.dtype) for p in parts))
+        y_dot = functools.reduce(jnp.add, parts)
+    return y_dot, mean_dot, var_dot
 
 
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:

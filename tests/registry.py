@@ -9,7 +9,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxnorm
 
@@ -79,3 +81,209 @@ LAYERS = [
     ("GroupNorm", {"num_groups": 2, "num_channels": 4}, (2, 4, 3, 5)),
     ("RMSNorm", {"normalized_shape": [6]}, (3, 6)),
 ]
+
+
+# ------------------------------------------------------------------ every layer in every mode, for the transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One layer in one mode: jaxnorm's call and the textbook formula, both ``(x, params, stats) -> (y, stats)``.
+
+    ``make(dtype)`` returns ``(x, params, stats)`` with non-trivial values (scale and bias off 1 and 0, running
+    statistics off their initial values), so no derivative is accidentally zero.
+    """
+
+    name: str
+    make: Callable[[Any], tuple[Any, Any, Any]]
+    call: Callable[[Any, Any, Any], tuple[Any, Any]]
+    textbook: Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+def _channel_state(c, dtype, stats=True, affine=True):
+    params = {"scale": jnp.linspace(0.5, 1.5, c, dtype=dtype), "bias": jnp.linspace(-0.3, 0.4, c, dtype=dtype)}
+    running = {"mean": jnp.linspace(-0.2, 0.3, c, dtype=dtype), "var": jnp.linspace(0.7, 1.6, c, dtype=dtype),
+               "count": jnp.asarray(3, jnp.int32)}
+    return (params if affine else {}), (running if stats else {})
+
+
+def _input(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=shape) * 1.5 + 0.7, dtype)
+
+
+def _channel_mode(name, shape, c, call, textbook, stats=True, channels_last=False):
+    return Mode(name, lambda dt: (_input(shape, dt), *_channel_state(c, dt, stats)), call, textbook)
+
+
+def _trailing_mode(name, shape, pshape, call, textbook, bias=True):
+    def make(dt):
+        k = int(np.prod(pshape))
+        params = {"scale": jnp.linspace(0.5, 1.5, k, dtype=dt).reshape(pshape)}
+        if bias:
+            params["bias"] = jnp.linspace(-0.3, 0.4, k, dtype=dt).reshape(pshape)
+        return _input(shape, dt), params, {}
+
+    return Mode(name, make, call, textbook)
+
+
+def _no_stats(fn):
+    return lambda x, p, s: (fn(p, x), s)
+
+
+_MASK = jnp.asarray([True, False, True, True]).reshape(4, 1, 1)
+
+
+def _axis_name_bn(x, p, s):  # per-example calls under vmap, statistics over the mapped axis (SyncBatchNorm)
+    y, new = jax.vmap(lambda xi: jaxnorm.batch_norm(p, s, xi[None], training=True, axis=1, axis_name="i"),
+                      axis_name="i")(x)
+    return y[:, 0], jax.tree.map(lambda t: t[0], new)
+
+
+def _linen(module, shape, c, textbook, stats=True, **apply_kw):
+    def make(dt):
+        x = _input(shape, dt)
+        variables = module.init(jax.random.key(0), x, **apply_kw)
+        p, s = _channel_state(c, dt, stats)
+        params = {k: p[k] for k in variables["params"]} if "params" in variables else {}
+        if "scale" in params and params["scale"].shape != variables["params"]["scale"].shape:  # trailing layers
+            params = {k: jnp.linspace(0.5 if k == "scale" else -0.3, 1.5 if k == "scale" else 0.4,
+                                      v.size, dtype=dt).reshape(v.shape) for k, v in variables["params"].items()}
+        return x, params, (s if "batch_stats" in variables else {})
+
+    def call(x, p, s):
+        variables = {"params": p, **({"batch_stats": s} if s else {})}
+        if s:
+            y, new = module.apply(variables, x, mutable=["batch_stats"], **apply_kw)
+            return y, new["batch_stats"]
+        return module.apply(variables, x, **apply_kw), s
+
+    return call, make
+
+
+def _nnx(make_module, shape, c):
+    """An NNX module as a pure function: rebuilt with nnx.merge inside the traced function."""
+    from flax import nnx
+
+    graphdef = nnx.graphdef(make_module())
+
+    def make(dt):
+        model = make_module()
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        p, s = _channel_state(c, dt)
+        params = jax.tree.map(lambda v: jnp.linspace(0.5, 1.5, v.size, dtype=dt).reshape(v.shape), params)
+        stats = jax.tree.map(lambda v: v if v.dtype == jnp.int32 else
+                             jnp.linspace(0.7, 1.6, v.size, dtype=dt).reshape(v.shape), stats)
+        return _input(shape, dt), params, stats
+
+    def call(x, p, s):
+        model = nnx.merge(graphdef, p, s)
+        y = model(x)
+        return y, nnx.split(model, nnx.Param, nnx.BatchStat)[2]
+
+    return call, make
+
+
+def _modes():
+    from jaxnorm import linen as jl
+    from jaxnorm import nnx as jn
+    from tests import textbook as tb
+
+    bn = jaxnorm.batch_norm
+    modes = [
+        _channel_mode("batch_norm/train/2d", (3, 2, 2, 2), 2,
+                      lambda x, p, s: bn(p, s, x, training=True),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=True)),
+        _channel_mode("batch_norm/train/1d/cumulative", (5, 3), 3,
+                      lambda x, p, s: bn(p, s, x, training=True, momentum=None),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=True, momentum=None)),
+        _channel_mode("batch_norm/train/channels_last", (3, 2, 2, 2), 2,
+                      lambda x, p, s: bn(p, s, x, training=True, axis=-1),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=True, axis=-1)),
+        _channel_mode("batch_norm/eval", (3, 2, 4), 2,
+                      lambda x, p, s: bn(p, s, x, training=False),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=False)),
+        _channel_mode("batch_norm/eval/no_running_stats", (3, 2, 4), 2,
+                      lambda x, p, s: bn(p, s, x, training=False),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=False), stats=False),
+        _channel_mode("batch_norm/train/mask", (4, 2, 3), 2,
+                      lambda x, p, s: bn(p, s, x, training=True, mask=_MASK),
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=True, mask=_MASK)),
+        _channel_mode("batch_norm/train/axis_name", (4, 2, 3), 2, _axis_name_bn,
+                      lambda x, p, s: tb.batch_norm(p, s, x, training=True)),
+        _channel_mode("batch_norm/train/virtual_batch_size", (4, 2, 3), 2,
+                      lambda x, p, s: bn(p, s, x, training=True, virtual_batch_size=2),
+                      lambda x, p, s: tb.ghost_batch_norm(p, s, x, virtual_batch_size=2)),
+        _channel_mode("instance_norm/train", (2, 2, 3, 2), 2,
+                      lambda x, p, s: jaxnorm.instance_norm(p, s, x, training=True),
+                      lambda x, p, s: tb.instance_norm(p, s, x, training=True)),
+        _channel_mode("instance_norm/eval", (2, 2, 3, 2), 2,
+                      lambda x, p, s: jaxnorm.instance_norm(p, s, x, training=False),
+                      lambda x, p, s: tb.instance_norm(p, s, x, training=False)),
+        _trailing_mode("layer_norm", (2, 3, 4), (3, 4),
+                       _no_stats(lambda p, x: jaxnorm.layer_norm(p, x, normalized_shape=(3, 4))),
+                       _no_stats(lambda p, x: tb.layer_norm(p, x, normalized_shape=(3, 4)))),
+        _trailing_mode("rms_norm", (3, 2, 5), (5,),
+                       _no_stats(lambda p, x: jaxnorm.rms_norm(p, x, normalized_shape=(5,), eps=1e-5)),
+                       _no_stats(lambda p, x: tb.rms_norm(p, x, normalized_shape=(5,), eps=1e-5)), bias=False),
+        _channel_mode("group_norm", (2, 4, 3), 4,
+                      _no_stats(lambda p, x: jaxnorm.group_norm(p, x, num_groups=2)),
+                      _no_stats(lambda p, x: tb.group_norm(p, x, num_groups=2)), stats=False),
+        _channel_mode("group_norm/channels_last", (2, 3, 2, 4), 4,
+                      _no_stats(lambda p, x: jaxnorm.group_norm(p, x, num_groups=2, axis=-1)),
+                      _no_stats(lambda p, x: tb.group_norm(p, x, num_groups=2, axis=-1)), stats=False),
+        _channel_mode("batch_renorm/train", (4, 2, 3), 2,
+                      lambda x, p, s: jaxnorm.batch_renorm(p, s, x, training=True, r_max=1.2, d_max=0.3),
+                      lambda x, p, s: tb.batch_renorm(p, s, x, training=True, r_max=1.2, d_max=0.3, momentum=0.01)),
+        _channel_mode("batch_renorm/eval", (4, 2, 3), 2,
+                      lambda x, p, s: jaxnorm.batch_renorm(p, s, x, training=False),
+                      lambda x, p, s: tb.batch_renorm(p, s, x, training=False, r_max=3.0, d_max=5.0)),
+        _channel_mode("frozen_batch_norm", (3, 2, 4), 2,
+                      lambda x, p, s: (jaxnorm.frozen_batch_norm(p, s, x), s),
+                      lambda x, p, s: (tb.frozen_batch_norm(p, s, x), s)),
+    ]
+    last = dict(axis=-1)
+    linen = [
+        ("linen.BatchNorm", jl.BatchNorm(use_running_average=False), (3, 2, 2), 2,
+         lambda x, p, s: tb.batch_norm(p, s, x, training=True, **last)),
+        ("linen.InstanceNorm", jl.InstanceNorm(affine=True, track_running_stats=True, use_running_average=False),
+         (2, 3, 2, 2), 2, lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
+        ("linen.LayerNorm", jl.LayerNorm(), (3, 4), 4,
+         lambda x, p, s: (tb.layer_norm(p, x, normalized_shape=(4,)), s)),
+        ("linen.GroupNorm", jl.GroupNorm(num_groups=2), (2, 3, 4), 4,
+         lambda x, p, s: (tb.group_norm(p, x, num_groups=2, **last), s)),
+        ("linen.RMSNorm", jl.RMSNorm(epsilon=1e-5), (3, 4), 4,
+         lambda x, p, s: (tb.rms_norm(p, x, normalized_shape=(4,), eps=1e-5), s)),
+    ]
+    for name, module, shape, c, textbook in linen:
+        call, make = _linen(module, shape, c, textbook)
+        modes.append(Mode(name, make, call, textbook))
+    nnx_modules = [
+        ("nnx.BatchNorm", lambda: jn.BatchNorm(2), (3, 2, 2), 2,
+         lambda x, p, s: tb.batch_norm(p, s, x, training=True, **last)),
+        ("nnx.InstanceNorm", lambda: jn.InstanceNorm(2, affine=True, track_running_stats=True), (2, 3, 2, 2), 2,
+         lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
+        ("nnx.LayerNorm", lambda: jn.LayerNorm(4), (3, 4), 4,
+         lambda x, p, s: (tb.layer_norm(p, x, normalized_shape=(4,)), s)),
+        ("nnx.GroupNorm", lambda: jn.GroupNorm(2, 4), (2, 3, 4), 4,
+         lambda x, p, s: (tb.group_norm(p, x, num_groups=2, **last), s)),
+        ("nnx.RMSNorm", lambda: jn.RMSNorm(4, epsilon=1e-5), (3, 4), 4,
+         lambda x, p, s: (tb.rms_norm(p, x, normalized_shape=(4,), eps=1e-5), s)),
+    ]
+    for name, make_module, shape, c, textbook in nnx_modules:
+        call, make = _nnx(make_module, shape, c)
+        modes.append(Mode(name, make, call, _nnx_textbook(textbook)))
+    return modes
+
+
+def _nnx_textbook(textbook):
+    """The textbook formula over NNX's variable trees (``State({"scale": Param(...), ...})``)."""
+
+    def call(x, p, s):
+        y, new = textbook(x, {k: v[...] for k, v in p.items()}, {k: v[...] for k, v in s.items()})
+        return y, jax.tree_util.tree_map_with_path(lambda path, _: new[path[0].key], s)
+
+    return call
+
+
+MODES = _modes()

@@ -1,0 +1,187 @@
+"""Every layer in every mode under every JAX transformation, against autodiff of the textbook formula.
+
+The matrix: ``registry.MODES`` (batch norm in training and eval, with ``mask``, ``axis_name`` and
+``virtual_batch_size``; instance, layer, group and RMS norm; batch renorm; frozen batch norm; the linen and NNX
+wrappers) x the transformations (``jvp``, ``linearize``, ``jacfwd``, ``vjp``, ``jacrev``, ``grad``, ``hessian``
+(forward-over-reverse), ``jacrev(jacfwd)`` (reverse-over-forward), and ``vmap`` of ``jvp`` and of ``grad``) x how
+the layer is called (directly, under ``jax.vmap``, under ``jax.checkpoint``, inside ``lax.scan``). Each layer is
+a function of all its floating-point inputs, ``x``, the params and the running statistics, and returns ``y`` and
+the updated statistics, so their tangents and cotangents are checked too. The reference is ``tests.textbook``,
+plain ``jax.numpy`` differentiated by JAX itself: float64 to 1e-10, float32 to ``tests/tolerances.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import registry
+from tests.tolerances import tol
+
+
+def _seq(x):  # a second input for the mapped/scanned calls, a nonlinear function of x so tangents differ
+    return jnp.stack([x, jnp.tanh(x) + 0.5])
+
+
+def _scan(f, x, p, s):
+    def body(stats, xi):
+        y, new = f(xi, p, stats)
+        return new, y
+
+    new, ys = jax.lax.scan(body, s, _seq(x))
+    return ys, new
+
+
+CONTEXTS = {
+    "direct": lambda f: f,
+    "vmap": lambda f: lambda x, p, s: jax.vmap(f, in_axes=(0, None, None))(_seq(x), p, s),
+    "checkpoint": jax.checkpoint,
+    "scan": lambda f: functools.partial(_scan, f),
+}
+
+
+def _float_function(f, inputs):
+    """``f`` as a function of the list of floating-point leaves of ``inputs`` (integer counters held fixed),
+    returning the list of floating-point output leaves (y and the running statistics)."""
+    leaves, treedef = jax.tree.flatten(inputs)
+    is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+
+    def g(floats):
+        it = iter(floats)
+        merged = [next(it) if fl else leaf for leaf, fl in zip(leaves, is_float, strict=True)]
+        args = jax.tree.unflatten(treedef, merged)
+        return [o for o in jax.tree.leaves(f(*args)) if jnp.issubdtype(o.dtype, jnp.floating)]
+
+    return g, [leaf for leaf, fl in zip(leaves, is_float, strict=True) if fl]
+
+
+def _randoms(like, seed):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(size=t.shape), t.dtype) for t in like]
+
+
+def _all_transforms(g, floats):
+    """Every transformation of ``g`` at ``floats``, as one jitted program (one compilation per layer and mode)."""
+    outs = jax.eval_shape(g, floats)
+    weights = _randoms(outs, 1)
+    loss = lambda fl: sum(jnp.sum(jnp.sin(o) * w) for o, w in zip(g(fl), weights, strict=True))
+    tangents, cotangents = _randoms(floats, 2), _randoms(outs, 3)
+
+    # correctness only: the lowest backend optimization level compiles ~30% faster
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def run(floats, tangents, cotangents):
+        pair = [jnp.stack([t, 0.5 * t + 0.1]) for t in floats]  # an ensemble of two points, for vmap of a transform
+        pair_tangents = [jnp.stack([t, -t]) for t in tangents]
+        return {
+            "values": g(floats),
+            "jvp": jax.jvp(g, (floats,), (tangents,)),
+            "linearize": jax.linearize(g, floats)[1](tangents),
+            "jacfwd": jax.jacfwd(g)(floats),
+            "vjp": jax.vjp(g, floats)[1](cotangents),
+            "jacrev": jax.jacrev(g)(floats),
+            "grad": jax.grad(loss)(floats),
+            "hessian": jax.hessian(loss)(floats),
+            "jacrev(jacfwd)": jax.jacrev(jax.jacfwd(loss))(floats),
+            "vmap(jvp)": jax.vmap(lambda fl, t: jax.jvp(g, (fl,), (t,)))(pair, pair_tangents),
+            "vmap(grad)": jax.vmap(jax.grad(loss))(pair),
+        }
+
+    return run(floats, tangents, cotangents)
+
+
+def _check(mode: registry.Mode, context: str, dtype) -> None:
+    wrap = CONTEXTS[context]
+    inputs = mode.make(dtype)
+    g, floats = _float_function(wrap(mode.call), inputs)
+    # the reference runs in float64 on the same (dtype-rounded) inputs
+    ref_inputs = jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+    g_ref, floats_ref = _float_function(wrap(mode.textbook), ref_inputs)
+    got, want = _all_transforms(g, floats), _all_transforms(g_ref, floats_ref)
+    name = jnp.dtype(dtype).name
+    for key in got:
+        leaves_got, leaves_want = jax.tree.leaves(got[key]), jax.tree.leaves(want[key])
+        assert len(leaves_got) == len(leaves_want), key
+        tolerance = tol(name) if key == "values" else tol(name, "grad")
+        for a, b in zip(leaves_got, leaves_want, strict=True):
+            np.testing.assert_allclose(a, b, **tolerance, err_msg=f"{mode.name}: {key} ({context})")
+
+
+@pytest.mark.parametrize("mode", registry.MODES, ids=[m.name for m in registry.MODES])
+def test_every_transformation_matches_the_textbook_formula_float64(mode):
+    _check(mode, "direct", jnp.float64)
+
+
+@pytest.mark.parametrize("mode", registry.MODES, ids=[m.name for m in registry.MODES])
+def test_every_transformation_matches_the_textbook_formula_float32(mode):
+    _check(mode, "direct", jnp.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", [c for c in CONTEXTS if c != "direct"])
+@pytest.mark.parametrize("mode", registry.MODES, ids=[m.name for m in registry.MODES])
+def test_every_transformation_under_vmap_checkpoint_and_scan(mode, context):
+    _check(mode, context, jnp.float64)
+
+
+# ------------------------------------------------------------------ what reverse mode keeps
+
+
+def _memory_cases():
+    import jaxnorm
+
+    bn_stats = jaxnorm.batch_norm_init(16)[1]
+    return {
+        "batch_norm": ((8, 16, 8, 8), {"scale": (16,), "bias": (16,)},
+                       lambda p, x: jaxnorm.batch_norm(p, bn_stats, x, training=True)[0]),
+        "batch_norm/channels_last": ((8, 8, 8, 16), {"scale": (16,), "bias": (16,)},
+                                     lambda p, x: jaxnorm.batch_norm(p, bn_stats, x, training=True, axis=-1)[0]),
+        "instance_norm": ((8, 16, 8, 8), {"scale": (16,), "bias": (16,)},
+                          lambda p, x: jaxnorm.instance_norm(p, {}, x, training=True)[0]),
+        "group_norm": ((8, 16, 8, 8), {"scale": (16,), "bias": (16,)},
+                       lambda p, x: jaxnorm.group_norm(p, x, num_groups=4)),
+        "group_norm/channels_last": ((8, 8, 8, 16), {"scale": (16,), "bias": (16,)},
+                                     lambda p, x: jaxnorm.group_norm(p, x, num_groups=4, axis=-1)),
+        "layer_norm": ((256, 64), {"scale": (64,), "bias": (64,)},
+                       lambda p, x: jaxnorm.layer_norm(p, x, normalized_shape=64)),
+        "rms_norm": ((256, 64), {"scale": (64,)}, lambda p, x: jaxnorm.rms_norm(p, x, normalized_shape=64)),
+    }
+
+
+MEMORY_CASES = _memory_cases()
+
+
+def _memory_inputs(case, dtype):
+    shape, pshapes, f = MEMORY_CASES[case]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
+    return f, {k: jnp.ones(s, jnp.float32) for k, s in pshapes.items()}, x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_reverse_mode_saves_only_x_and_per_group_statistics(case, dtype):
+    """The residuals of jax.vjp are x itself plus statistics-sized arrays: nothing else full-size is kept for the
+    backward pass (under lax.scan or eager vjp these residuals are real memory)."""
+    f, params, x = _memory_inputs(case, dtype)
+    residuals = [r for r in jax.tree.leaves(jax.vjp(f, params, x)[1]) if hasattr(r, "shape")]
+    full = [r for r in residuals if r.size == x.size]
+    assert len(full) == 1 and np.array_equal(full[0], x), [(r.shape, r.dtype) for r in full]
+    small = sum(r.nbytes for r in residuals if r.size != x.size)
+    assert small <= x.nbytes // 8, f"{small} bytes of non-x residuals for a {x.nbytes}-byte input"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_compiled_forward_backward_has_no_full_size_temporary(case, dtype):
+    """XLA's compiled forward+backward (dy a runtime argument, as in training) writes no full-size temporary: the
+    statistics passes are never differentiated and x - mean, inv * scale and a float32 copy of a narrower dy are
+    recomputed inside the fused loops instead of written to memory."""
+    f, params, x = _memory_inputs(case, dtype)
+    fwd_bwd = jax.jit(lambda p, x, dy: jax.vjp(f, p, x)[1](dy))
+    stats = fwd_bwd.lower(params, x, x).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - a backend without memory analysis
+        pytest.skip("this backend reports no memory analysis")
+    assert stats.temp_size_in_bytes < x.nbytes // 4, (stats.temp_size_in_bytes, x.nbytes)

@@ -1,0 +1,137 @@
+"""Textbook normalization formulas in plain ``jax.numpy``: no jaxnorm code and no custom derivative rules.
+
+The transformation tests differentiate these with JAX's own autodiff and compare with jaxnorm's closed-form
+derivative rule. Every function has the functional API's shape, ``(params, batch_stats, x) -> (y, new_stats)``,
+with PyTorch's semantics written out the long way (two-pass statistics, the unbiased running variance).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _channel(v, ndim, axis):
+    """A per-channel vector shaped to broadcast along ``axis`` at rank ``ndim``."""
+    return v.reshape(tuple(-1 if i == axis % ndim else 1 for i in range(ndim)))
+
+
+def _affine(y, params, axis):
+    if "scale" in params:
+        y = y * _channel(params["scale"], y.ndim, axis)
+    if "bias" in params:
+        y = y + _channel(params["bias"], y.ndim, axis)
+    return y
+
+
+def moments(x, axes, mask=None):
+    """Two-pass mean and biased variance over ``axes`` (kept), and the element count; masked positions excluded."""
+    if mask is None:
+        n = math.prod(x.shape[a] for a in axes)
+        m = jnp.mean(x, axes, keepdims=True)
+        return m, jnp.mean(jnp.square(x - m), axes, keepdims=True), n
+    w = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+    n = jnp.sum(w, axes, keepdims=True)
+    m = jnp.sum(w * x, axes, keepdims=True) / n
+    return m, jnp.sum(w * jnp.square(x - m), axes, keepdims=True) / n, n
+
+
+def running_update(stats, mean, var, n, momentum, count_batches=True):
+    """PyTorch: ``new = (1 - f) * old + f * batch`` with the unbiased batch variance; f = momentum or 1/count."""
+    if not stats:
+        return stats
+    f = 1.0 / (stats["count"] + 1) if momentum is None else momentum
+    new = {
+        "mean": (1 - f) * stats["mean"] + f * mean,
+        "var": (1 - f) * stats["var"] + f * var * (n / (n - 1)),
+        "count": stats["count"] + 1 if count_batches else stats["count"],
+    }
+    return new
+
+
+def batch_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5, mask=None):
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    if training or not stats:
+        m, v, n = moments(x, axes, mask)
+    else:
+        m, v = (_channel(stats[k], x.ndim, axis) for k in ("mean", "var"))
+    y = _affine((x - m) / jnp.sqrt(v + eps), params, axis)
+    if training and stats:
+        n = jnp.reshape(n, -1)[0] if mask is not None else n
+        stats = running_update(stats, m.reshape(-1), v.reshape(-1), n, momentum)
+    return y, stats
+
+
+def ghost_batch_norm(params, stats, x, *, virtual_batch_size, axis=1, momentum=0.1, eps=1e-5):
+    """Training with sub-batches of ``virtual_batch_size`` along axis 0, each normalized by its own statistics."""
+    parts = [batch_norm(params, {}, x[i : i + virtual_batch_size], training=True, axis=axis, eps=eps)[0]
+             for i in range(0, x.shape[0], virtual_batch_size)]
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    per = [moments(x[i : i + virtual_batch_size], axes) for i in range(0, x.shape[0], virtual_batch_size)]
+    m = sum(p[0].reshape(-1) for p in per) / len(per)
+    v = sum(p[1].reshape(-1) for p in per) / len(per)
+    return jnp.concatenate(parts, 0), running_update(stats, m, v, per[0][2], momentum)
+
+
+def instance_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5):
+    spatial = tuple(i for i in range(1, x.ndim) if i != axis % x.ndim)
+    if training or not stats:
+        m, v, n = moments(x, spatial)
+    else:
+        m, v = (_channel(stats[k], x.ndim, axis) for k in ("mean", "var"))
+    y = _affine((x - m) / jnp.sqrt(v + eps), params, axis)
+    if training and stats and momentum is not None:
+        per_channel = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        stats = running_update(stats, jnp.mean(m, per_channel), jnp.mean(v, per_channel), n, momentum,
+                               count_batches=False)
+    return y, stats
+
+
+def layer_norm(params, x, *, normalized_shape, eps=1e-5):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    m, v, _ = moments(x, axes)
+    y = (x - m) / jnp.sqrt(v + eps)
+    if "scale" in params:
+        y = y * params["scale"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["scale"].shape)
+    if "bias" in params:
+        y = y + params["bias"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["bias"].shape)
+    return y
+
+
+def rms_norm(params, x, *, normalized_shape, eps):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    y = x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + eps)
+    if "scale" in params:
+        y = y * params["scale"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["scale"].shape)
+    return y
+
+
+def group_norm(params, x, *, num_groups, axis=1, eps=1e-5):
+    xc = jnp.moveaxis(x, axis, 1)
+    shape = xc.shape
+    xg = xc.reshape(shape[0], num_groups, -1)
+    m, v, _ = moments(xg, (2,))
+    y = jnp.moveaxis(((xg - m) / jnp.sqrt(v + eps)).reshape(shape), 1, axis)
+    return _affine(y, params, axis)
+
+
+def batch_renorm(params, stats, x, *, training, r_max, d_max, axis=1, momentum=0.01, eps=1e-5):
+    """Ioffe (2017): r and d are treated as constants by the gradient."""
+    if not training:
+        return batch_norm(params, stats, x, training=False, axis=axis, eps=eps)
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    m, v, n = moments(x, axes)
+    mu, run_var = (_channel(stats[k], x.ndim, axis) for k in ("mean", "var"))
+    sigma_b, sigma = jnp.sqrt(v + eps), jnp.sqrt(run_var + eps)
+    r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
+    d = jax.lax.stop_gradient(jnp.clip((m - mu) / sigma, -d_max, d_max))
+    y = _affine((x - m) / sigma_b * r + d, params, axis)
+    return y, running_update(stats, m.reshape(-1), v.reshape(-1), n, momentum)
+
+
+def frozen_batch_norm(params, stats, x, *, axis=1, eps=1e-5):
+    params, stats = jax.lax.stop_gradient((params, stats))
+    y = (x - _channel(stats["mean"], x.ndim, axis)) / jnp.sqrt(_channel(stats["var"], x.ndim, axis) + eps)
+    return _affine(y, params, axis)
