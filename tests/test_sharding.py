@@ -206,3 +206,27 @@ def test_nnx_batch_norm_with_axis_index_groups(mesh):
     for half in (slice(0, 16), slice(16, 32)):
         ref, _ = jaxnorm.batch_norm(*jaxnorm.batch_norm_init(3), x[half], training=True, axis=-1)
         np.testing.assert_allclose(y[half], ref, atol=2e-6)
+
+
+def test_forward_mode_and_hessian_through_shard_map_equal_the_global_batch(mesh):
+    """jax.jvp (tangents of y and of the running statistics) and jax.hessian of a loss, taken of a shard_map'd
+    synchronized batch norm, equal the same transformations of batch norm over the global batch."""
+    params, stats, x, w = _data((16, 2, 3))
+
+    def sharded(x):
+        local = lambda x: jaxnorm.batch_norm(params, stats, x, training=True, axis_name="batch")
+        return jax.shard_map(local, mesh=mesh, in_specs=P("batch"), out_specs=(P("batch"), P()))(x)
+
+    def whole(x):
+        return jaxnorm.batch_norm(params, stats, x, training=True)
+
+    t = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    (y, s), (y_dot, s_dot) = jax.jit(lambda x, t: jax.jvp(sharded, (x,), (t,)))(x, t)
+    (y_ref, s_ref), (y_dot_ref, s_dot_ref) = jax.jvp(whole, (x,), (t,))
+    np.testing.assert_allclose(y_dot, y_dot_ref, atol=2e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(s_dot[k], s_dot_ref[k], rtol=2e-5, atol=2e-6)
+    loss = lambda f: (lambda x: jnp.sum(jnp.sin(f(x)[0]) * w) + jnp.sum(f(x)[1]["var"]))
+    x_small, w = x[:8, :, :1], w[:8, :, :1]  # one example per device, a Hessian of 16 x 16
+    h = jax.jit(jax.hessian(loss(sharded)))(x_small)
+    np.testing.assert_allclose(h, jax.hessian(loss(whole))(x_small), rtol=1e-4, atol=1e-4)
