@@ -4,7 +4,8 @@ Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--qu
 Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
 For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
 warm-up, interleaved round-robin across implementations, each after a short idle gap and an untimed call
-(``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes), for jaxnorm
+(``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes; the output's cotangent
+a runtime argument of the jitted forward+backward, as in training), for jaxnorm
 channels-last, jaxnorm NCHW, flax.linen (channels-last) and torch (NCHW) if installed; the XLA floor (one jitted
 ``x * a + b`` over the same tensor); and the compiled forward+backward programs' memory (temp + output bytes from
 ``memory_analysis()``) for jaxnorm and Flax. Ratios are medians of per-round ratios. Writes ``benchmark.json``
@@ -108,15 +109,17 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
     fwd_train = jax.jit(lambda v, x: module.apply(v, x, **kw_train, **mut))
     fwd_eval = jax.jit(lambda v, x: module.apply(v, x, **kw_eval))
 
-    def loss(params, x):
+    def loss(params, x, g):  # g (the output's cotangent) is an argument, as in training: were it a constant
+        # closed over by the jitted function, XLA would fold work that depends on dy alone (sum(dy) for dbias)
+        # into the compiled program and leave it out of the timing
         out = module.apply({**variables, "params": params}, x, **kw_train, **mut)
         y = out[0] if stateful else out
         return jnp.sum((y * g).astype(jnp.float32))
 
     fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     params = variables.get("params", {})
-    return (lambda: fwd_train(variables, x)), (lambda: fwd_eval(variables, x)), (lambda: fwd_bwd(params, x)), \
-        (fwd_bwd, params, x)
+    return (lambda: fwd_train(variables, x)), (lambda: fwd_eval(variables, x)), (lambda: fwd_bwd(params, x, g)), \
+        (fwd_bwd, params, x, g)
 
 
 def _floor(shape, dtype):
@@ -155,8 +158,8 @@ def _torch_fns(layer, shape, dtype, extra):
     return (lambda: fwd(True)), (lambda: fwd(False)), fwd_bwd
 
 
-def _memory(fwd_bwd, params, x) -> int:
-    stats = fwd_bwd.lower(params, x).compile().memory_analysis()
+def _memory(fwd_bwd, params, x, g) -> int:
+    stats = fwd_bwd.lower(params, x, g).compile().memory_analysis()
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else -1
 
 
@@ -169,9 +172,9 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
     for impl in ("jaxnorm", "jaxnorm_nchw", "flax"):
         if impl == "jaxnorm_nchw" and (len(shape) == 2 or layer in ("ln", "rms")):
             continue  # no channel axis to move
-        ft, fe, fb, (fb_jit, params, x) = _jax_fns(layer, shape, dtype, extra, impl)
+        ft, fe, fb, fb_args = _jax_fns(layer, shape, dtype, extra, impl)
         fns.update({(impl, "fwd_train"): (ft, sync), (impl, "fwd_eval"): (fe, sync), (impl, "fwd_bwd"): (fb, sync)})
-        row[impl] = {"fwd_bwd_bytes": _memory(fb_jit, params, x)}
+        row[impl] = {"fwd_bwd_bytes": _memory(*fb_args)}
     if with_torch:
         import torch
 
