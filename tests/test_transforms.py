@@ -185,3 +185,28 @@ def test_compiled_forward_backward_has_no_full_size_temporary(case, dtype):
     if stats is None:  # pragma: no cover - a backend without memory analysis
         pytest.skip("this backend reports no memory analysis")
     assert stats.temp_size_in_bytes < x.nbytes // 4, (stats.temp_size_in_bytes, x.nbytes)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("mode", registry.MODES, ids=[m.name for m in registry.MODES])
+def test_first_order_transformations_in_low_precision(mode, dtype):
+    """bfloat16/float16 inputs (float32 statistics): jvp and vjp match the float64 textbook derivative on the same
+    rounded inputs, to the low-precision tolerance scaled by the size of the tangent's terms. Forward mode's tangent
+    is rounded to the input dtype in parts (the price of the fast narrow-dtype backward), so its error is bounded by
+    the rounding of its largest term, about ``|scale| * max|x_dot| / std``, which these inputs keep near 1."""
+    inputs = mode.make(dtype)
+    g, floats = _float_function(mode.call, inputs)
+    ref_inputs = jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+    g_ref, floats_ref = _float_function(mode.textbook, ref_inputs)
+    tangents = [t.astype(f.dtype) for t, f in zip(_randoms(floats_ref, 2), floats, strict=True)]
+    outs = jax.eval_shape(g, floats)
+    cotangents = [c.astype(o.dtype) for c, o in zip(_randoms(outs, 3), outs, strict=True)]
+    got = jax.jvp(g, (floats,), (tangents,))[1], jax.vjp(g, floats)[1](cotangents)[0]
+    want = (jax.jvp(g_ref, (floats_ref,), ([t.astype(jnp.float64) for t in tangents],))[1],
+            jax.vjp(g_ref, floats_ref)[1]([c.astype(jnp.float64) for c in cotangents])[0])
+    tolerance = tol(jnp.dtype(dtype).name)
+    for kind, a_list, b_list in zip(("jvp", "vjp"), got, want, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            scale = max(1.0, float(jnp.max(jnp.abs(b))))
+            np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tolerance["rtol"],
+                                       atol=tolerance["atol"] * scale, err_msg=f"{mode.name}: {kind}")
