@@ -100,11 +100,25 @@ class Mode:
     textbook: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def _channel_state(c, dtype, stats=True, affine=True):
-    params = {"scale": jnp.linspace(0.5, 1.5, c, dtype=dtype), "bias": jnp.linspace(-0.3, 0.4, c, dtype=dtype)}
-    running = {"mean": jnp.linspace(-0.2, 0.3, c, dtype=dtype), "var": jnp.linspace(0.7, 1.6, c, dtype=dtype),
-               "count": jnp.asarray(3, jnp.int32)}
-    return (params if affine else {}), (running if stats else {})
+_VALUES = {"scale": (0.5, 1.5), "bias": (-0.3, 0.4), "mean": (-0.2, 0.3), "var": (0.7, 1.6)}
+
+
+def _filled(tree, dtype):
+    """``tree`` (dicts, linen variables or NNX states) with each float leaf set to a spread of values chosen by its
+    name (scale, bias, mean, var); integer leaves (the batch counter) set to 3."""
+    def fill(path, v):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            return jnp.full(v.shape, 3, v.dtype)
+        low, high = _VALUES[[k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]]
+        return jnp.linspace(low, high, v.size, dtype=dtype).reshape(v.shape)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+def _channel_state(c, dtype, stats=True):
+    params = _filled({"scale": jnp.zeros(c), "bias": jnp.zeros(c)}, dtype)
+    running = {"mean": jnp.zeros(c), "var": jnp.zeros(c), "count": jnp.zeros((), jnp.int32)}
+    return params, (_filled(running, dtype) if stats else {})
 
 
 def _input(shape, dtype, seed=0):
@@ -112,19 +126,14 @@ def _input(shape, dtype, seed=0):
     return jnp.asarray(rng.normal(size=shape) * 1.5 + 0.7, dtype)
 
 
-def _channel_mode(name, shape, c, call, textbook, stats=True, channels_last=False):
+def _channel_mode(name, shape, c, call, textbook, stats=True):
     return Mode(name, lambda dt: (_input(shape, dt), *_channel_state(c, dt, stats)), call, textbook)
 
 
 def _trailing_mode(name, shape, pshape, call, textbook, bias=True):
-    def make(dt):
-        k = int(np.prod(pshape))
-        params = {"scale": jnp.linspace(0.5, 1.5, k, dtype=dt).reshape(pshape)}
-        if bias:
-            params["bias"] = jnp.linspace(-0.3, 0.4, k, dtype=dt).reshape(pshape)
-        return _input(shape, dt), params, {}
-
-    return Mode(name, make, call, textbook)
+    keys = ("scale", "bias") if bias else ("scale",)
+    return Mode(name, lambda dt: (_input(shape, dt), _filled({k: jnp.zeros(pshape) for k in keys}, dt), {}),
+                call, textbook)
 
 
 def _no_stats(fn):
@@ -140,41 +149,32 @@ def _axis_name_bn(x, p, s):  # per-example calls under vmap, statistics over the
     return y[:, 0], jax.tree.map(lambda t: t[0], new)
 
 
-def _linen(module, shape, c, textbook, stats=True, **apply_kw):
+def _linen(module, shape):
+    """A linen module as ``(call, make)``, its variables filled by name."""
     def make(dt):
         x = _input(shape, dt)
-        variables = module.init(jax.random.key(0), x, **apply_kw)
-        p, s = _channel_state(c, dt, stats)
-        params = {k: p[k] for k in variables["params"]} if "params" in variables else {}
-        if "scale" in params and params["scale"].shape != variables["params"]["scale"].shape:  # trailing layers
-            params = {k: jnp.linspace(0.5 if k == "scale" else -0.3, 1.5 if k == "scale" else 0.4,
-                                      v.size, dtype=dt).reshape(v.shape) for k, v in variables["params"].items()}
-        return x, params, (s if "batch_stats" in variables else {})
+        variables = _filled(module.init(jax.random.key(0), x), dt)
+        return x, variables.get("params", {}), variables.get("batch_stats", {})
 
     def call(x, p, s):
         variables = {"params": p, **({"batch_stats": s} if s else {})}
         if s:
-            y, new = module.apply(variables, x, mutable=["batch_stats"], **apply_kw)
+            y, new = module.apply(variables, x, mutable=["batch_stats"])
             return y, new["batch_stats"]
-        return module.apply(variables, x, **apply_kw), s
+        return module.apply(variables, x), s
 
     return call, make
 
 
-def _nnx(make_module, shape, c):
-    """An NNX module as a pure function: rebuilt with nnx.merge inside the traced function."""
+def _nnx(make_module, shape):
+    """An NNX module as ``(call, make)``: rebuilt with nnx.merge inside the traced function."""
     from flax import nnx
 
     graphdef = nnx.graphdef(make_module())
 
     def make(dt):
-        model = make_module()
-        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        p, s = _channel_state(c, dt)
-        params = jax.tree.map(lambda v: jnp.linspace(0.5, 1.5, v.size, dtype=dt).reshape(v.shape), params)
-        stats = jax.tree.map(lambda v: v if v.dtype == jnp.int32 else
-                             jnp.linspace(0.7, 1.6, v.size, dtype=dt).reshape(v.shape), stats)
-        return _input(shape, dt), params, stats
+        _, params, stats = nnx.split(make_module(), nnx.Param, nnx.BatchStat)
+        return _input(shape, dt), _filled(params, dt), _filled(stats, dt)
 
     def call(x, p, s):
         model = nnx.merge(graphdef, p, s)
@@ -244,34 +244,34 @@ def _modes():
     ]
     last = dict(axis=-1)
     linen = [
-        ("linen.BatchNorm", jl.BatchNorm(use_running_average=False), (3, 2, 2), 2,
+        ("linen.BatchNorm", jl.BatchNorm(use_running_average=False), (3, 2, 2),
          lambda x, p, s: tb.batch_norm(p, s, x, training=True, **last)),
         ("linen.InstanceNorm", jl.InstanceNorm(affine=True, track_running_stats=True, use_running_average=False),
-         (2, 3, 2, 2), 2, lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
-        ("linen.LayerNorm", jl.LayerNorm(), (3, 4), 4,
+         (2, 3, 2, 2), lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
+        ("linen.LayerNorm", jl.LayerNorm(), (3, 4),
          lambda x, p, s: (tb.layer_norm(p, x, normalized_shape=(4,)), s)),
-        ("linen.GroupNorm", jl.GroupNorm(num_groups=2), (2, 3, 4), 4,
+        ("linen.GroupNorm", jl.GroupNorm(num_groups=2), (2, 3, 4),
          lambda x, p, s: (tb.group_norm(p, x, num_groups=2, **last), s)),
-        ("linen.RMSNorm", jl.RMSNorm(epsilon=1e-5), (3, 4), 4,
+        ("linen.RMSNorm", jl.RMSNorm(epsilon=1e-5), (3, 4),
          lambda x, p, s: (tb.rms_norm(p, x, normalized_shape=(4,), eps=1e-5), s)),
     ]
-    for name, module, shape, c, textbook in linen:
-        call, make = _linen(module, shape, c, textbook)
+    for name, module, shape, textbook in linen:
+        call, make = _linen(module, shape)
         modes.append(Mode(name, make, call, textbook))
     nnx_modules = [
-        ("nnx.BatchNorm", lambda: jn.BatchNorm(2), (3, 2, 2), 2,
+        ("nnx.BatchNorm", lambda: jn.BatchNorm(2), (3, 2, 2),
          lambda x, p, s: tb.batch_norm(p, s, x, training=True, **last)),
-        ("nnx.InstanceNorm", lambda: jn.InstanceNorm(2, affine=True, track_running_stats=True), (2, 3, 2, 2), 2,
+        ("nnx.InstanceNorm", lambda: jn.InstanceNorm(2, affine=True, track_running_stats=True), (2, 3, 2, 2),
          lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
-        ("nnx.LayerNorm", lambda: jn.LayerNorm(4), (3, 4), 4,
+        ("nnx.LayerNorm", lambda: jn.LayerNorm(4), (3, 4),
          lambda x, p, s: (tb.layer_norm(p, x, normalized_shape=(4,)), s)),
-        ("nnx.GroupNorm", lambda: jn.GroupNorm(2, 4), (2, 3, 4), 4,
+        ("nnx.GroupNorm", lambda: jn.GroupNorm(2, 4), (2, 3, 4),
          lambda x, p, s: (tb.group_norm(p, x, num_groups=2, **last), s)),
-        ("nnx.RMSNorm", lambda: jn.RMSNorm(4, epsilon=1e-5), (3, 4), 4,
+        ("nnx.RMSNorm", lambda: jn.RMSNorm(4, epsilon=1e-5), (3, 4),
          lambda x, p, s: (tb.rms_norm(p, x, normalized_shape=(4,), eps=1e-5), s)),
     ]
-    for name, make_module, shape, c, textbook in nnx_modules:
-        call, make = _nnx(make_module, shape, c)
+    for name, make_module, shape, textbook in nnx_modules:
+        call, make = _nnx(make_module, shape)
         modes.append(Mode(name, make, call, _nnx_textbook(textbook)))
     return modes
 

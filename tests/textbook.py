@@ -43,12 +43,11 @@ def running_update(stats, mean, var, n, momentum, count_batches=True):
     if not stats:
         return stats
     f = 1.0 / (stats["count"] + 1) if momentum is None else momentum
-    new = {
+    return {
         "mean": (1 - f) * stats["mean"] + f * mean,
         "var": (1 - f) * stats["var"] + f * var * (n / (n - 1)),
         "count": stats["count"] + 1 if count_batches else stats["count"],
     }
-    return new
 
 
 def batch_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5, mask=None):
@@ -66,13 +65,13 @@ def batch_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5, ma
 
 def ghost_batch_norm(params, stats, x, *, virtual_batch_size, axis=1, momentum=0.1, eps=1e-5):
     """Training with sub-batches of ``virtual_batch_size`` along axis 0, each normalized by its own statistics."""
-    parts = [batch_norm(params, {}, x[i : i + virtual_batch_size], training=True, axis=axis, eps=eps)[0]
-             for i in range(0, x.shape[0], virtual_batch_size)]
     axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
-    per = [moments(x[i : i + virtual_batch_size], axes) for i in range(0, x.shape[0], virtual_batch_size)]
+    subs = [x[i : i + virtual_batch_size] for i in range(0, x.shape[0], virtual_batch_size)]
+    per = [moments(sub, axes) for sub in subs]
+    y = jnp.concatenate([(sub - m) / jnp.sqrt(v + eps) for sub, (m, v, _) in zip(subs, per, strict=True)], 0)
     m = sum(p[0].reshape(-1) for p in per) / len(per)
     v = sum(p[1].reshape(-1) for p in per) / len(per)
-    return jnp.concatenate(parts, 0), running_update(stats, m, v, per[0][2], momentum)
+    return _affine(y, params, axis), running_update(stats, m, v, per[0][2], momentum)
 
 
 def instance_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5):
@@ -89,23 +88,23 @@ def instance_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5)
     return y, stats
 
 
+def _trailing_affine(y, params):
+    """Elementwise scale and bias over the trailing dims they cover."""
+    for k, op in (("scale", jnp.multiply), ("bias", jnp.add)):
+        if k in params:
+            y = op(y, params[k].reshape((1,) * (y.ndim - params[k].ndim) + params[k].shape))
+    return y
+
+
 def layer_norm(params, x, *, normalized_shape, eps=1e-5):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     m, v, _ = moments(x, axes)
-    y = (x - m) / jnp.sqrt(v + eps)
-    if "scale" in params:
-        y = y * params["scale"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["scale"].shape)
-    if "bias" in params:
-        y = y + params["bias"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["bias"].shape)
-    return y
+    return _trailing_affine((x - m) / jnp.sqrt(v + eps), params)
 
 
 def rms_norm(params, x, *, normalized_shape, eps):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    y = x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + eps)
-    if "scale" in params:
-        y = y * params["scale"].reshape((1,) * (x.ndim - len(normalized_shape)) + params["scale"].shape)
-    return y
+    return _trailing_affine(x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + eps), params)
 
 
 def group_norm(params, x, *, num_groups, axis=1, eps=1e-5):
