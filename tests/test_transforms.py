@@ -59,6 +59,11 @@ def _float_function(f, inputs):
     return g, [leaf for leaf, fl in zip(leaves, is_float, strict=True) if fl]
 
 
+def _as_float64(inputs):
+    """The same (dtype-rounded) inputs in float64, for the textbook reference."""
+    return jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+
+
 def _randoms(like, seed):
     rng = np.random.default_rng(seed)
     return [jnp.asarray(rng.normal(size=t.shape), t.dtype) for t in like]
@@ -97,8 +102,7 @@ def _check(mode: registry.Mode, context: str, dtype) -> None:
     wrap = CONTEXTS[context]
     inputs = mode.make(dtype)
     g, floats = _float_function(wrap(mode.call), inputs)
-    # the reference runs in float64 on the same (dtype-rounded) inputs
-    ref_inputs = jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+    ref_inputs = _as_float64(inputs)
     g_ref, floats_ref = _float_function(wrap(mode.textbook), ref_inputs)
     got, want = _all_transforms(g, floats), _all_transforms(g_ref, floats_ref)
     name = jnp.dtype(dtype).name
@@ -196,7 +200,7 @@ def test_first_order_transformations_in_low_precision(mode, dtype):
     the rounding of its largest term, about ``|scale| * max|x_dot| / std``, which these inputs keep near 1."""
     inputs = mode.make(dtype)
     g, floats = _float_function(mode.call, inputs)
-    ref_inputs = jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+    ref_inputs = _as_float64(inputs)
     g_ref, floats_ref = _float_function(mode.textbook, ref_inputs)
     tangents = [t.astype(f.dtype) for t, f in zip(_randoms(floats_ref, 2), floats, strict=True)]
     outs = jax.eval_shape(g, floats)
