@@ -10,6 +10,7 @@ State (dicts, ready for Flax's "params" / "batch_stats" collections)::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -59,36 +60,58 @@ def _check_num_features(num_features: Any, where: str) -> int:
     return num_features
 
 
-def check_channel_state(params: Any, batch_stats: Any, c: int, layer: str, init: str) -> None:
-    """Validate (params, batch_stats) of a per-channel layer against ``c`` channels."""
-    fix = f"Create matching state with jaxnorm.{init}({c}, ...)."
+def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, ...], layer: str, init: str) -> None:
+    """Validate (params, batch_stats) of a per-channel layer against the feature shape (``(C,)`` for one axis).
+
+    ``count`` is optional (a state saved by flax.linen.BatchNorm has only mean and var); ``skipped`` is present when
+    the state was made with ``nonfinite_guard=True``.
+    """
+    fshape = (fshape,) if isinstance(fshape, int) else tuple(fshape)
+    size = fshape[0] if len(fshape) == 1 else fshape
+    fix = f"Create matching state with jaxnorm.{init}({size}, ...)."
     if isinstance(params, dict) and params:
         _core.check_state(
-            params, {"scale": ((c,), "float"), "bias": ((c,), "float")}, arg="params", layer=layer, fix=fix
+            params, {"scale": (fshape, "float"), "bias": (fshape, "float")}, arg="params", layer=layer, fix=fix
         )
     else:
         _core.check_state(params, {}, arg="params", layer=layer, fix=fix)
     if isinstance(batch_stats, dict) and batch_stats:
-        expected = {"mean": ((c,), "float"), "var": ((c,), "float"), "count": ((), "int")}
-        if "skipped" in batch_stats:  # made with nonfinite_guard=True
-            expected["skipped"] = ((), "int")
-        _core.check_state(
-            batch_stats,
-            expected,
-            arg="batch_stats",
-            layer=layer,
-            fix=fix,
-        )
+        expected = {"mean": (fshape, "float"), "var": (fshape, "float")}
+        for key in ("count", "skipped"):
+            if key in batch_stats:
+                expected[key] = ((), "int")
+        _core.check_state(batch_stats, expected, arg="batch_stats", layer=layer, fix=fix)
     else:
         _core.check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
 
 
-def _check_virtual_batch(v: Any, x: Array, ax: int, mask: Any, axis_name: Any) -> int | None:
+def check_cumulative(momentum: float | None, batch_stats: Any, training: bool, layer: str) -> None:
+    if momentum is None and training and isinstance(batch_stats, dict) and batch_stats and "count" not in batch_stats:
+        raise ValueError(
+            f"{layer}: `momentum`=None (the cumulative average) needs `batch_stats['count']`, the number of batches "
+            "seen, but this state has none (saved by flax.linen.BatchNorm?). Add it, e.g. "
+            "batch_stats = {**batch_stats, 'count': jnp.zeros((), jnp.int32)}, or give a momentum."
+        )
+
+
+def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:
+    """``(feature axes, feature shape, mask)`` for a per-channel layer whose ``axis`` is an int or a tuple."""
+    feats = _core.canonical_axes(axis, x.ndim, layer, name="axis")
+    mask = _core.check_mask(mask, x, layer)
+    if mask is not None and any(mask.shape[a] != 1 for a in feats):
+        raise ValueError(
+            f"{layer}: `mask` must not vary along the channel axis {feats if len(feats) > 1 else feats[0]}, got "
+            f"mask shape {tuple(mask.shape)}; use size 1 there."
+        )
+    return feats, tuple(x.shape[a] for a in feats), mask
+
+
+def _check_virtual_batch(v: Any, x: Array, feats: tuple[int, ...], mask: Any, axis_name: Any) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 2:
         raise ValueError(f"{_LAYER}: `virtual_batch_size` must be an int >= 2 or None, got {v!r}.")
-    if ax == 0:
+    if 0 in feats:
         raise ValueError(f"{_LAYER}: `virtual_batch_size` splits axis 0 (the batch), but `axis` is 0 (the channel).")
     if x.shape[0] % v:
         raise ValueError(
@@ -129,29 +152,23 @@ def batch_norm(
     """
     training = _core.check_training(training, _LAYER)
     x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
-    ax = _core.canonical_axis(axis, x.ndim, _LAYER)
-    c = x.shape[ax]
-    check_channel_state(params, batch_stats, c, _LAYER, "batch_norm_init")
+    feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
+    check_channel_state(params, batch_stats, fshape, _LAYER, "batch_norm_init")
     eps = _core.check_eps(eps, _LAYER)
     momentum = _core.check_momentum(momentum, _LAYER)
-    mask = _core.check_mask(mask, x, _LAYER)
-    if mask is not None and mask.shape[ax] != 1:
-        raise ValueError(
-            f"{_LAYER}: `mask` must not vary along the channel axis ({ax}), got mask shape {tuple(mask.shape)}; "
-            "use size 1 on that axis."
-        )
+    check_cumulative(momentum, batch_stats, training, _LAYER)
 
-    reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
-    bshape = _core.channel_shape(x.ndim, ax, c)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feats)
+    bshape = _core.broadcast_shape(x.shape, feats)
     use_batch = training or not batch_stats
     scale = params["scale"].reshape(bshape) if params else None
     bias = params["bias"].reshape(bshape) if params else None
-    ghost = _check_virtual_batch(virtual_batch_size, x, ax, mask, axis_name) if training else None
+    ghost = _check_virtual_batch(virtual_batch_size, x, feats, mask, axis_name) if training else None
     if use_batch:
-        if training and mask is None and axis_name is None and x.size // c == 1:
+        if training and mask is None and axis_name is None and x.size // max(1, math.prod(fshape)) == 1:
             raise ValueError(
                 f"{_LAYER}: expected more than 1 value per channel when training, got input shape "
-                f"{tuple(x.shape)} (one value per channel along axis={ax}). Use a batch of at least 2, or "
+                f"{tuple(x.shape)} (one value per channel along axis={axis}). Use a batch of at least 2, or "
                 "training=False with running statistics."
             )
         if ghost:
@@ -175,7 +192,8 @@ def batch_norm(
 
     if training and batch_stats:
         new_stats = _core.update_running(
-            batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum, running_var_unbiased
+            batch_stats, mean.reshape(fshape), var.reshape(fshape), count.reshape(-1)[0], momentum,
+            running_var_unbiased,
         )
         return y, new_stats
     return y, batch_stats

@@ -71,6 +71,19 @@ def canonical_axis(axis: Any, ndim: int, layer: str, *, name: str = "axis") -> i
     return int(axis) % ndim
 
 
+def canonical_axes(axes: Any, ndim: int, layer: str, *, name: str) -> tuple[int, ...]:
+    """An int or a sequence of ints -> sorted tuple of distinct non-negative axes (duplicates merged, as Flax)."""
+    items = axes if isinstance(axes, Sequence) and not isinstance(axes, str) else (axes,)
+    if not items:
+        raise ValueError(f"{layer}: `{name}` must name at least one axis, got {axes!r}.")
+    return tuple(sorted({canonical_axis(a, ndim, layer, name=name) for a in items}))
+
+
+def broadcast_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` with every dim outside ``axes`` set to 1: how a per-feature array broadcasts against x."""
+    return tuple(d if i in axes else 1 for i, d in enumerate(shape))
+
+
 def check_eps(eps: Any, layer: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"{layer}: `eps` must be a Python float > 0, got {eps!r}.")
@@ -214,23 +227,30 @@ def moments(
         mean, m2 = _shifted_sums(red, d, d, shift, safe)
     if axis_name is not None:
         count = jnp.broadcast_to(count, mean.shape)
-        # One collective for all statistics: each device writes its (count, mean, M2) into its own slot and a psum
-        # gathers them (unlike all_gather, psum's result is known to be replicated, so shard_map's checks pass).
-        # With axis_index_groups the slots of devices outside this device's group are zeroed afterwards (a static
-        # membership table), which works under shard_map, vmap and jit alike.
-        size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-        mine = jnp.stack([count, mean, m2])
-        lift = lambda v: v.reshape(v.shape + (1,) * mine.ndim)
-        stacked = jax.lax.psum(lift(jax.nn.one_hot(index, size, dtype=dtype)) * mine[None], axis_name)
-        if axis_index_groups is not None:
-            stacked = stacked * lift(jnp.asarray(_group_membership(axis_index_groups, size), dtype)[index])
-        counts, means, m2s = stacked[:, 0], stacked[:, 1], stacked[:, 2]  # each (devices, *mean.shape)
+        # one collective for all statistics (device_slots); Chan et al.'s exact combination of the triples
+        counts, means, m2s = device_slots(jnp.stack([count, mean, m2]), axis_name, axis_index_groups)
         count = jnp.sum(counts, 0, keepdims=True)
         mean = jnp.sum(counts * means, 0, keepdims=True) / jnp.maximum(count, 1)
         m2 = jnp.sum(m2s + counts * jnp.square(means - mean), 0, keepdims=True)
         count, mean, m2 = count[0], mean[0], m2[0]
     var = m2 / jnp.maximum(count, 1)
     return mean, jnp.maximum(var, 0), count
+
+
+def device_slots(mine: Array, axis_name: Any, axis_index_groups: Any) -> Array:
+    """Every device's ``mine`` along a new leading axis, ONE collective (zeros for devices outside the group).
+
+    Each device writes its array into its own slot and a ``psum`` gathers them (unlike ``all_gather``, psum's
+    result is known to be replicated, so shard_map's checks pass). With ``axis_index_groups`` the slots of devices
+    outside this device's group are zeroed afterwards (a static membership table), which works under shard_map,
+    vmap and jit alike. Returns ``(devices, *mine.shape)``.
+    """
+    size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    lift = lambda v: v.reshape(v.shape + (1,) * mine.ndim)
+    stacked = jax.lax.psum(lift(jax.nn.one_hot(index, size, dtype=mine.dtype)) * mine[None], axis_name)
+    if axis_index_groups is not None:
+        stacked = stacked * lift(jnp.asarray(_group_membership(axis_index_groups, size), mine.dtype)[index])
+    return jnp.moveaxis(stacked, 1, 0)
 
 
 ROW_FUSION_MIN_ROWS = 4096  # row statistics from this many rows on (see _contiguous_rows)
@@ -384,10 +404,30 @@ def _group_membership(groups: Any, size: int) -> np.ndarray:
     return table
 
 
-def mean_square(x: Array, reduction_axes: Sequence[int]) -> Array:
-    """Mean of ``x**2`` over ``reduction_axes`` (kept), in ``stats_dtype(x.dtype)`` (RMSNorm's statistic)."""
+def mean_square(
+    x: Array,
+    reduction_axes: Sequence[int],
+    *,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Mean of ``x**2`` over ``reduction_axes`` (kept), in ``stats_dtype(x.dtype)`` (RMSNorm's statistic); with
+    ``mask`` over the True positions only, with ``axis_name`` over every device's positions (one collective)."""
+    axes = tuple(reduction_axes)
     xf = x.astype(stats_dtype(x.dtype))
-    return jnp.mean(jnp.square(xf), tuple(reduction_axes), keepdims=True)
+    if mask is None and axis_name is None:
+        return jnp.mean(jnp.square(xf), axes, keepdims=True)
+    sq = jnp.square(xf)
+    if mask is None:
+        total, count = jnp.sum(sq, axes, keepdims=True), jnp.full((1,) * x.ndim, group_count(x.shape, axes), xf.dtype)
+    else:
+        maskb = jnp.broadcast_to(mask, x.shape)
+        total, count = jnp.sum(jnp.where(maskb, sq, 0), axes, keepdims=True), sum_over(maskb.astype(xf.dtype), axes)
+    if axis_name is not None:
+        count = jnp.broadcast_to(count, total.shape)
+        total, count = jnp.sum(device_slots(jnp.stack([total, count]), axis_name, axis_index_groups), 1)
+    return total / jnp.maximum(count, 1)
 
 
 def normalize(
@@ -445,14 +485,27 @@ def normalize_batch(
     return normalize(x, mean, var, eps, scale, bias), mean, var, count
 
 
-def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None) -> Array:
+def normalize_rms(
+    x: Array,
+    reduction_axes: Sequence[int],
+    eps: float,
+    scale: Array | None = None,
+    *,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> Array:
     """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``.
 
     Differentiated by the same closed-form tangent map as the centred layers (``_normalize_tangents`` with no
     mean): reverse mode saves x and 1/rms only (differentiating the forward instead made XLA:CPU write four
-    full-size temporaries: the broadcast scale, 1/rms, their product and ``x * dy``).
+    full-size temporaries: the broadcast scale, 1/rms, their product and ``x * dy``). With ``mask`` or
+    ``axis_name`` the statistic is ``mean_square``'s and JAX differentiates it.
     """
-    return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, None)[0]
+    if mask is None and axis_name is None:
+        return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, None)[0]
+    ms = mean_square(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    return normalize(x, None, ms, eps, scale)
 
 
 def _fused_statistics(x: Array, axes: tuple[int, ...], groups: tuple[int, int] | None, centre: bool):
@@ -593,12 +646,13 @@ def update_running(
 
     ``momentum`` is the weight of the new batch; ``None`` is the cumulative average over ``count`` batches.
     The running variance takes the unbiased batch variance ``var * n / (n - 1)`` (``unbiased=False``: the biased
-    one, as flax.linen.BatchNorm does). State made with ``nonfinite_guard=True`` (a ``skipped`` counter) keeps its
+    one, as flax.linen.BatchNorm does). A state without ``count`` (Flax's layout) stays without it.
+    State made with ``nonfinite_guard=True`` (a ``skipped`` counter) keeps its
     statistics when the batch's are not finite and counts the skipped batch instead.
     """
-    new_count = batch_stats["count"] + 1
     dtype = batch_stats["mean"].dtype
-    if momentum is None:
+    new_count = batch_stats["count"] + 1 if "count" in batch_stats else None
+    if momentum is None:  # the callers check that "count" is there
         factor = 1.0 / new_count.astype(dtype)
     else:
         factor = jnp.asarray(momentum, dtype)
@@ -606,7 +660,9 @@ def update_running(
         batch_var = batch_var * (count / (count - 1))
     mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
     var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(dtype)
-    new = {"mean": mean.astype(dtype), "var": var.astype(dtype), "count": new_count}
+    new = {"mean": mean.astype(dtype), "var": var.astype(dtype)}
+    if new_count is not None:
+        new["count"] = new_count
     if "skipped" in batch_stats:  # non-finite guard: a NaN/inf batch leaves the statistics as they were
         ok = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var))
         new = {k: jnp.where(ok, v, batch_stats[k]) for k, v in new.items()}

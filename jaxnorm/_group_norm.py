@@ -42,15 +42,51 @@ def group_norm_init(
     return {"scale": jnp.ones((num_channels,), dtype), "bias": jnp.zeros((num_channels,), dtype)}
 
 
-def group_norm(params: dict[str, Array], x: Array, *, num_groups: int, axis: int = 1, eps: float = 1e-5) -> Array:
-    """Split the channels on ``axis`` into ``num_groups`` contiguous groups and normalize each (example, group)
-    over its channels and spatial positions; then a per-channel scale/shift. Axis 0 is the batch."""
+def _resolve_groups(num_groups: Any, group_size: Any, c: int) -> int:
+    if num_groups is not None and group_size is not None:
+        raise ValueError(
+            f"{_LAYER}: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; give one of them "
+            "(Flax users: pass num_groups=None with group_size)."
+        )
+    if group_size is None:
+        if num_groups is None:
+            raise TypeError(f"{_LAYER}: give `num_groups` (as torch.nn.GroupNorm) or `group_size` (channels a group).")
+        return _check_groups(num_groups, c, _LAYER)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or c % group_size:
+        sizes = [g for g in range(1, c + 1) if c % g == 0]
+        raise ValueError(
+            f"{_LAYER}: `group_size`={group_size!r} must be a positive int that divides the number of channels {c}; "
+            f"valid choices are {sizes}."
+        )
+    return c // group_size
+
+
+def group_norm(
+    params: dict[str, Array],
+    x: Array,
+    *,
+    num_groups: int | None = None,
+    axis: int = 1,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    reduction_axes: int | tuple[int, ...] | None = None,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Split the channels on ``axis`` into ``num_groups`` contiguous groups (or groups of ``group_size``) and
+    normalize each (example, group) over its channels and the ``reduction_axes`` (default: every axis except the
+    batch axis 0 and ``axis``; listing ``axis`` itself is allowed, as in Flax); then a per-channel scale/shift.
+
+    ``mask`` (bool, broadcastable to ``x``; it may vary along the channels) excludes positions from the
+    statistics; ``axis_name`` combines them exactly across a mapped/sharded axis.
+    """
     x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
     ax = _core.canonical_axis(axis, x.ndim, _LAYER)
-    if ax == 0:
+    if ax == 0 and reduction_axes is None:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
     c = x.shape[ax]
-    g = _check_groups(num_groups, c, _LAYER)
+    g = _resolve_groups(num_groups, group_size, c)
     fix = f"Create matching params with jaxnorm.group_norm_init({g}, {c}, ...)."
     if isinstance(params, dict) and params:
         _core.check_state(
@@ -59,11 +95,17 @@ def group_norm(params: dict[str, Array], x: Array, *, num_groups: int, axis: int
     else:
         _core.check_state(params, {}, arg="params", layer=_LAYER, fix=fix)
     eps = _core.check_eps(eps, _LAYER)
+    mask = _core.check_mask(mask, x, _LAYER)
+    if reduction_axes is None:
+        spatial = tuple(i for i in range(1, x.ndim) if i != ax)
+    else:
+        spatial = tuple(i for i in _core.canonical_axes(reduction_axes, x.ndim, _LAYER, name="reduction_axes")
+                        if i != ax)
 
     # statistics per (example, group): a spatial reduction in x's own layout, then the channels of each group
     # (see _core.sum_over); the per-channel affine is applied in the same layout, in one fused normalize pass.
     bshape = _core.channel_shape(x.ndim, ax, c)
-    spatial = tuple(i for i in range(1, x.ndim) if i != ax)
     scale = params["scale"].reshape(bshape) if params else None
     bias = params["bias"].reshape(bshape) if params else None
-    return _core.normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g))[0]
+    return _core.normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g), mask=mask, axis_name=axis_name,
+                                 axis_index_groups=axis_index_groups)[0]

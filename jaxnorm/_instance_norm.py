@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm import _core
-from jaxnorm._batch_norm import _check_num_features, check_channel_state, running_stats_init
+from jaxnorm._batch_norm import _check_num_features, check_channel_state, feature_layout, running_stats_init
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -48,14 +48,20 @@ def instance_norm(
     x: Array,
     *,
     training: bool,
-    axis: int = 1,
+    axis: int | tuple[int, ...] = 1,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Normalize each (example, channel) over its spatial axes; returns ``(y, new_batch_stats)``.
 
-    ``x`` is ``(N, ..., C, ...)`` with the batch on axis 0 and channels on ``axis``; for an unbatched
-    ``(C, L)`` input use ``x[None]`` or ``jax.vmap``.
+    ``x`` is ``(N, ..., C, ...)`` with the batch on axis 0 and channels on ``axis`` (a tuple of axes gives
+    per-feature statistics and params over all of them, as Flax's ``feature_axes``); for an unbatched ``(C, L)``
+    input use ``x[None]`` or ``jax.vmap``. ``mask`` (bool, broadcastable to ``x``, constant along the channels)
+    excludes positions from the statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
+    (the spatial axes split over devices).
     """
     training = _core.check_training(training, _LAYER)
     x = _core.check_input(
@@ -64,25 +70,25 @@ def instance_norm(
         min_ndim=3,
         what="rank >= 3: (N, C, spatial...). For an unbatched (C, L) input use x[None] or jax.vmap",
     )
-    ax = _core.canonical_axis(axis, x.ndim, _LAYER)
-    if ax == 0:
+    feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
+    if 0 in feats:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
-    c = x.shape[ax]
-    check_channel_state(params, batch_stats, c, _LAYER, "instance_norm_init")
+    check_channel_state(params, batch_stats, fshape, _LAYER, "instance_norm_init")
     eps = _core.check_eps(eps, _LAYER)
     momentum = _core.check_momentum(momentum, _LAYER)
 
-    spatial = tuple(i for i in range(1, x.ndim) if i != ax)
-    bshape = _core.channel_shape(x.ndim, ax, c)
+    spatial = tuple(i for i in range(1, x.ndim) if i not in feats)
+    bshape = _core.broadcast_shape(x.shape, feats)
     use_input_stats = training or not batch_stats
     scale = params["scale"].reshape(bshape) if params else None
     bias = params["bias"].reshape(bshape) if params else None
     if use_input_stats:
-        if training and math.prod(x.shape[i] for i in spatial) == 1:
+        if training and mask is None and axis_name is None and math.prod(x.shape[i] for i in spatial) == 1:
             raise ValueError(
                 f"{_LAYER}: expected more than 1 spatial element when training, got input shape {tuple(x.shape)}."
             )
-        y, mean, var, count = _core.normalize_batch(x, spatial, eps, scale, bias)
+        y, mean, var, count = _core.normalize_batch(x, spatial, eps, scale, bias, mask=mask, axis_name=axis_name,
+                                                    axis_index_groups=axis_index_groups)
     else:
         dtype = _core.stats_dtype(x.dtype)
         mean = batch_stats["mean"].astype(dtype).reshape(bshape)
@@ -92,10 +98,13 @@ def instance_norm(
     if training and batch_stats:
         if momentum is None:  # PyTorch passes momentum 0.0 here: statistics stay put
             return y, batch_stats
-        per_channel = tuple(i for i in range(x.ndim) if i != ax)
+        per_channel = tuple(i for i in range(x.ndim) if i not in feats)
         inst_mean = jnp.mean(mean, per_channel)
-        inst_var = jnp.mean(var, per_channel)  # the unbiased factor n/(n-1) is the same for every instance
-        new_stats = _core.update_running(batch_stats, inst_mean, inst_var, count.reshape(-1)[0], momentum)
-        new_stats["count"] = batch_stats["count"]  # PyTorch's InstanceNorm never counts batches
+        # the unbiased factor n/(n-1) uses each instance's own count (all equal without a mask)
+        unbiased = var * (count / jnp.maximum(count - 1, 1))
+        inst_var = jnp.mean(unbiased, per_channel)
+        new_stats = _core.update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False)
+        if "count" in batch_stats:
+            new_stats["count"] = batch_stats["count"]  # PyTorch's InstanceNorm never counts batches
         return y, new_stats
     return y, batch_stats

@@ -1,6 +1,7 @@
 """Layer normalization (torch.nn.LayerNorm) and RMS normalization (torch.nn.RMSNorm) as pure functions.
 
-Both normalize over the trailing ``normalized_shape`` dims, like PyTorch. State::
+Both normalize over the trailing ``normalized_shape`` dims, like PyTorch, or over any ``reduction_axes`` with
+params over ``feature_axes``, like Flax. State::
 
     layer_norm params = {"scale": normalized_shape, "bias": normalized_shape}
                         # {"scale": ...} when bias=False, {} when elementwise_affine=False
@@ -47,48 +48,108 @@ def rms_norm_init(
     return {"scale": jnp.ones(shape, dtype)} if elementwise_affine else {}
 
 
-def _check_trailing_params(params: Any, shape: tuple[int, ...], layer: str, allowed: list[list[str]]) -> None:
-    init = f"jaxnorm.{layer}_init({shape if len(shape) > 1 else shape[0]}, ...)"
+def _layout(
+    x: Any,
+    params: Any,
+    normalized_shape: Any,
+    reduction_axes: Any,
+    feature_axes: Any,
+    mask: Any,
+    layer: str,
+    allowed: list[list[str]],
+) -> tuple[Array, tuple[int, ...], tuple[int, ...], Array | None]:
+    """Check the inputs; return ``(x, reduced axes, broadcast shape of the params, mask)``.
+
+    Either PyTorch's ``normalized_shape`` (the trailing dims, params of that shape) or Flax's ``reduction_axes``
+    (any axes; params over ``feature_axes``, which default to the reduced axes), never both.
+    """
+    if normalized_shape is not None and reduction_axes is not None:
+        raise ValueError(
+            f"{layer}: got both `normalized_shape`={normalized_shape!r} (PyTorch: the trailing dims) and "
+            f"`reduction_axes`={reduction_axes!r} (Flax: any axes); give one of them."
+        )
+    if normalized_shape is None and reduction_axes is None:
+        raise TypeError(
+            f"{layer}: give `normalized_shape` (the trailing dims, as torch.nn.LayerNorm) or `reduction_axes` "
+            "(the axes to normalize over, as flax.linen.LayerNorm), e.g. normalized_shape=x.shape[-1]."
+        )
+    if normalized_shape is not None:
+        if feature_axes is not None:
+            raise ValueError(
+                f"{layer}: `feature_axes`={feature_axes!r} goes with `reduction_axes`; with `normalized_shape` "
+                "the params have the normalized shape."
+            )
+        shape = _core.normalized_shape_tuple(normalized_shape, layer)
+        x = _core.check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
+        _core.check_trailing_shape(x, shape, layer)
+        axes = tuple(range(x.ndim - len(shape), x.ndim))
+        pshape = shape
+        bshape = (1,) * (x.ndim - len(shape)) + shape
+    else:
+        x = _core.check_input(x, layer, min_ndim=1, what="at least 1 dim")
+        axes = _core.canonical_axes(reduction_axes, x.ndim, layer, name="reduction_axes")
+        feats = axes if feature_axes is None else _core.canonical_axes(feature_axes, x.ndim, layer,
+                                                                        name="feature_axes")
+        pshape = tuple(x.shape[a] for a in feats)
+        bshape = _core.broadcast_shape(x.shape, feats)
+    init = f"jaxnorm.{layer}_init({pshape if len(pshape) > 1 else pshape[0]}, ...)"
     keys = sorted(params.keys()) if isinstance(params, dict) else None
     layout = next((k for k in allowed if k == keys), allowed[-1])
-    _core.check_state(
-        params,
-        {k: (shape, "float") for k in layout},
-        arg="params",
-        layer=layer,
-        fix=f"Create matching params with {init}.",
-    )
-
-
-def _lift(p: Array | None, ndim: int) -> Array | None:
-    """Give a normalized-shape parameter the input's rank (leading size-1 dims), so no rank promotion happens."""
-    return None if p is None else p.reshape((1,) * (ndim - p.ndim) + p.shape)
+    _core.check_state(params, {k: (pshape, "float") for k in layout}, arg="params", layer=layer,
+                      fix=f"Create matching params with {init}.")
+    return x, axes, bshape, _core.check_mask(mask, x, layer)
 
 
 def layer_norm(
-    params: dict[str, Array], x: Array, *, normalized_shape: int | tuple[int, ...], eps: float = 1e-5
+    params: dict[str, Array],
+    x: Array,
+    *,
+    normalized_shape: int | tuple[int, ...] | None = None,
+    eps: float = 1e-5,
+    reduction_axes: int | tuple[int, ...] | None = None,
+    feature_axes: int | tuple[int, ...] | None = None,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
 ) -> Array:
-    """Normalize over the trailing ``normalized_shape`` dims with the biased variance, then scale/shift."""
+    """Normalize with the mean and biased variance over some axes, then scale/shift.
+
+    The axes: PyTorch's ``normalized_shape`` (the trailing dims; params of that shape), or Flax's
+    ``reduction_axes`` (any axes, e.g. ``1`` for channels-first LayerNorm2d in NCHW) with the params over
+    ``feature_axes`` (default: the reduced axes). ``mask`` (bool, broadcastable to ``x``) excludes positions from
+    the statistics (padded tokens); every position is still normalized. ``axis_name`` combines the statistics
+    exactly across a mapped/sharded axis, when the reduced axes are split over devices (``axis_index_groups``
+    as in ``jax.lax.psum``).
+    """
     layer = "layer_norm"
-    shape = _core.normalized_shape_tuple(normalized_shape, layer)
-    x = _core.check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
-    _core.check_trailing_shape(x, shape, layer)
-    _check_trailing_params(params, shape, layer, [[], ["scale"], ["bias", "scale"]])
+    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
+                                    [[], ["scale"], ["bias", "scale"]])
     eps = _core.check_eps(eps, layer)
-    axes = tuple(range(x.ndim - len(shape), x.ndim))
-    scale, bias = (_lift(params.get(k), x.ndim) for k in ("scale", "bias"))
-    return _core.normalize_batch(x, axes, eps, scale, bias)[0]
+    scale, bias = (None if params.get(k) is None else params[k].reshape(bshape) for k in ("scale", "bias"))
+    return _core.normalize_batch(x, axes, eps, scale, bias, mask=mask, axis_name=axis_name,
+                                 axis_index_groups=axis_index_groups)[0]
 
 
 def rms_norm(
-    params: dict[str, Array], x: Array, *, normalized_shape: int | tuple[int, ...], eps: float | None = None
+    params: dict[str, Array],
+    x: Array,
+    *,
+    normalized_shape: int | tuple[int, ...] | None = None,
+    eps: float | None = None,
+    reduction_axes: int | tuple[int, ...] | None = None,
+    feature_axes: int | tuple[int, ...] | None = None,
+    mask: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
 ) -> Array:
-    """``x * rsqrt(mean(x**2) + eps) * scale`` over the trailing dims; ``eps=None`` is ``finfo(x.dtype).eps``."""
+    """``x * rsqrt(mean(x**2) + eps) * scale`` over some axes; ``eps=None`` is ``finfo(x.dtype).eps``.
+
+    Axes, ``mask`` and ``axis_name`` as in ``layer_norm``.
+    """
     layer = "rms_norm"
-    shape = _core.normalized_shape_tuple(normalized_shape, layer)
-    x = _core.check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
-    _core.check_trailing_shape(x, shape, layer)
-    _check_trailing_params(params, shape, layer, [[], ["scale"]])
+    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
+                                    [[], ["scale"]])
     eps = float(jnp.finfo(x.dtype).eps) if eps is None else _core.check_eps(eps, layer)
-    axes = tuple(range(x.ndim - len(shape), x.ndim))
-    return _core.normalize_rms(x, axes, eps, _lift(params.get("scale"), x.ndim))
+    scale = None if params.get("scale") is None else params["scale"].reshape(bshape)
+    return _core.normalize_rms(x, axes, eps, scale, mask=mask, axis_name=axis_name,
+                               axis_index_groups=axis_index_groups)

@@ -34,9 +34,11 @@ def bn(**kw):
         (dict(training=jnp.array(True)), TypeError, r"`training` must be a Python bool.*static_argnames"),
         (dict(training="yes"), TypeError, r"`training` must be a Python bool"),
         (dict(params={"scale": P["scale"]}), ValueError, r"`params` has keys \['scale'\] but this layer expects"),
-        (dict(batch_stats={"mean": S["mean"], "var": S["var"]}), ValueError,
-         (r"`batch_stats` has keys \['mean', 'var'\] but this layer expects \['count', 'mean', 'var'\]"
+        (dict(batch_stats={"mean": S["mean"], "count": S["count"]}), ValueError,
+         (r"`batch_stats` has keys \['count', 'mean'\] but this layer expects \['count', 'mean', 'var'\]"
          r".*batch_norm_init\(3")),
+        (dict(batch_stats={"mean": S["mean"], "var": S["var"]}, momentum=None), ValueError,
+         r"`momentum`=None \(the cumulative average\) needs `batch_stats\['count'\]`"),
         (dict(batch_stats={**S, "count": jnp.zeros(())}), TypeError, r"`batch_stats\['count'\]` must have an integer"),
         (dict(batch_stats={**S, "var": jnp.ones((3,), jnp.int32)}), TypeError,
          r"`batch_stats\['var'\]` must have a floating"),
