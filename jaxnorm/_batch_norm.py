@@ -69,12 +69,7 @@ def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, 
     fshape = (fshape,) if isinstance(fshape, int) else tuple(fshape)
     size = fshape[0] if len(fshape) == 1 else fshape
     fix = f"Create matching state with jaxnorm.{init}({size}, ...)."
-    if isinstance(params, dict) and params:
-        _core.check_state(
-            params, {"scale": (fshape, "float"), "bias": (fshape, "float")}, arg="params", layer=layer, fix=fix
-        )
-    else:
-        _core.check_state(params, {}, arg="params", layer=layer, fix=fix)
+    check_affine(params, fshape, layer, fix)
     if isinstance(batch_stats, dict) and batch_stats:
         expected = {"mean": (fshape, "float"), "var": (fshape, "float")}
         for key in ("count", "skipped"):
@@ -83,6 +78,18 @@ def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, 
         _core.check_state(batch_stats, expected, arg="batch_stats", layer=layer, fix=fix)
     else:
         _core.check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
+
+
+def check_affine(params: Any, fshape: tuple[int, ...], layer: str, fix: str) -> None:
+    """Per-channel params: {"scale", "bias"}, either one alone (Flax's use_scale/use_bias), or {}."""
+    keys = [k for k in ("scale", "bias") if isinstance(params, dict) and k in params] if params else []
+    _core.check_state(params, {k: (fshape, "float") for k in keys or ["scale", "bias"]} if params else {},
+                      arg="params", layer=layer, fix=fix)
+
+
+def affine_arrays(params: dict, bshape: tuple[int, ...]) -> tuple[Array | None, Array | None]:
+    """(scale, bias) reshaped to broadcast against x; None for an absent one."""
+    return tuple(params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
 
 
 def check_cumulative(momentum: float | None, batch_stats: Any, training: bool, layer: str) -> None:
@@ -161,8 +168,7 @@ def batch_norm(
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feats)
     bshape = _core.broadcast_shape(x.shape, feats)
     use_batch = training or not batch_stats
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
+    scale, bias = affine_arrays(params, bshape)
     ghost = _check_virtual_batch(virtual_batch_size, x, feats, mask, axis_name) if training else None
     if use_batch:
         if training and mask is None and axis_name is None and x.size // max(1, math.prod(fshape)) == 1:

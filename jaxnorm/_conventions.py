@@ -1,4 +1,4 @@
-"""The momentum conventions, resolved in one place for every wrapper.
+"""The conventions the wrappers share, resolved in one place: momentum, training mode, the affine keywords, dtypes.
 
 PyTorch's ``momentum=0.1`` is the weight of the NEW batch; Flax's ``momentum=0.99`` is the decay of the OLD
 average, and Flax updates the running variance with the biased batch variance where PyTorch uses the unbiased
@@ -8,6 +8,10 @@ gets a TypeError instead of a silently wrong model, and must say which conventio
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
 
 _TORCH_DEFAULT = 0.1
 
@@ -35,3 +39,44 @@ def resolve_training(use_running_average: bool | None, call_value: bool | None, 
             f"{layer}(use_running_average=not train) or layer(x, use_running_average=not train)."
         )
     return not value
+
+
+def resolve_affine(
+    affine: bool | None, use_scale: bool | None, use_bias: bool | None, default: bool, layer: str,
+    affine_name: str = "affine",
+) -> tuple[bool, bool]:
+    """``(use_scale, use_bias)`` from PyTorch's one switch or Flax's two, never both.
+
+    Neither given: PyTorch's default for the layer. Given one of Flax's keywords, the other takes Flax's default
+    (True), as it would in Flax.
+    """
+    if affine is not None and (use_scale is not None or use_bias is not None):
+        flax_kw = ", ".join(f"`{k}`={v!r}" for k, v in (("use_scale", use_scale), ("use_bias", use_bias))
+                            if v is not None)
+        raise ValueError(
+            f"{layer}: got both `{affine_name}`={affine!r} (PyTorch) and {flax_kw} (Flax); give one convention: "
+            f"`{affine_name}` switches scale and bias together, `use_scale`/`use_bias` each one."
+        )
+    if use_scale is None and use_bias is None:
+        on = default if affine is None else bool(affine)
+        return on, on
+    return (True if use_scale is None else bool(use_scale)), (True if use_bias is None else bool(use_bias))
+
+
+def running_dtype(param_dtype: Any, force_float32_reductions: bool) -> Any:
+    """dtype of the running statistics: at least float32, or ``param_dtype`` as Flax stores them when
+    ``force_float32_reductions=False``."""
+    return jnp.promote_types(param_dtype, jnp.float32) if force_float32_reductions else param_dtype
+
+
+def compute_dtype(x: Any, dtype: Any) -> Any:
+    """x as the core sees it for an output ``dtype``: a wider dtype (e.g. float32 from a bfloat16 input) is the
+    input's exact conversion, so the core computes and rounds once in it, as Flax does; ``dtype=None`` keeps x."""
+    if dtype is None or not hasattr(x, "dtype"):
+        return x
+    wide = jnp.promote_types(x.dtype, dtype)
+    return x if wide == x.dtype else x.astype(wide)
+
+
+def output_dtype(y: Any, dtype: Any) -> Any:
+    return y if dtype is None else y.astype(dtype)

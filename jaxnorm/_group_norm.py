@@ -2,7 +2,7 @@
 
 State::
 
-    params = {"scale": (C,), "bias": (C,)}   # {} when affine=False
+    params = {"scale": (C,), "bias": (C,)}   # {} when affine=False; either one alone is accepted too
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm import _core
+from jaxnorm._batch_norm import affine_arrays, check_affine
 
 Array = jax.Array
 _LAYER = "group_norm"
@@ -88,12 +89,7 @@ def group_norm(
     c = x.shape[ax]
     g = _resolve_groups(num_groups, group_size, c)
     fix = f"Create matching params with jaxnorm.group_norm_init({g}, {c}, ...)."
-    if isinstance(params, dict) and params:
-        _core.check_state(
-            params, {"scale": ((c,), "float"), "bias": ((c,), "float")}, arg="params", layer=_LAYER, fix=fix
-        )
-    else:
-        _core.check_state(params, {}, arg="params", layer=_LAYER, fix=fix)
+    check_affine(params, (c,), _LAYER, fix)
     eps = _core.check_eps(eps, _LAYER)
     mask = _core.check_mask(mask, x, _LAYER)
     if reduction_axes is None:
@@ -105,7 +101,6 @@ def group_norm(
     # statistics per (example, group): a spatial reduction in x's own layout, then the channels of each group
     # (see _core.sum_over); the per-channel affine is applied in the same layout, in one fused normalize pass.
     bshape = _core.channel_shape(x.ndim, ax, c)
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
+    scale, bias = affine_arrays(params, bshape)
     return _core.normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g), mask=mask, axis_name=axis_name,
                                  axis_index_groups=axis_index_groups)[0]

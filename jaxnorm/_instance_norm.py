@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm import _core
-from jaxnorm._batch_norm import _check_num_features, check_channel_state, feature_layout, running_stats_init
+from jaxnorm._batch_norm import (
+    _check_num_features,
+    affine_arrays,
+    check_channel_state,
+    feature_layout,
+    running_stats_init,
+)
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -80,8 +86,7 @@ def instance_norm(
     spatial = tuple(i for i in range(1, x.ndim) if i not in feats)
     bshape = _core.broadcast_shape(x.shape, feats)
     use_input_stats = training or not batch_stats
-    scale = params["scale"].reshape(bshape) if params else None
-    bias = params["bias"].reshape(bshape) if params else None
+    scale, bias = affine_arrays(params, bshape)
     if use_input_stats:
         if training and mask is None and axis_name is None and math.prod(x.shape[i] for i in spatial) == 1:
             raise ValueError(

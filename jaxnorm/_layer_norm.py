@@ -123,9 +123,9 @@ def layer_norm(
     """
     layer = "layer_norm"
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
-                                    [[], ["scale"], ["bias", "scale"]])
+                                    [[], ["scale"], ["bias"], ["bias", "scale"]])
     eps = _core.check_eps(eps, layer)
-    scale, bias = (None if params.get(k) is None else params[k].reshape(bshape) for k in ("scale", "bias"))
+    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
     return _core.normalize_batch(x, axes, eps, scale, bias, mask=mask, axis_name=axis_name,
                                  axis_index_groups=axis_index_groups)[0]
 

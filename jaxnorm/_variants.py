@@ -59,8 +59,8 @@ def batch_renorm(
     dtype = _core.stats_dtype(x.dtype)
     mu = batch_stats["mean"].astype(dtype).reshape(bshape)
     run_var = batch_stats["var"].astype(dtype).reshape(bshape)
-    scale = params["scale"].astype(dtype).reshape(bshape) if params else jnp.ones(bshape, dtype)
-    bias = params["bias"].astype(dtype).reshape(bshape) if params else jnp.zeros(bshape, dtype)
+    scale = params["scale"].astype(dtype).reshape(bshape) if "scale" in params else jnp.ones(bshape, dtype)
+    bias = params["bias"].astype(dtype).reshape(bshape) if "bias" in params else jnp.zeros(bshape, dtype)
     if not training:
         return _core.normalize(x, mu, run_var, eps, scale, bias), batch_stats
     reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
@@ -87,8 +87,8 @@ def frozen_batch_norm(
     eps = _core.check_eps(eps, layer)
     params, batch_stats = jax.lax.stop_gradient((params, batch_stats))
     dtype = _core.stats_dtype(x.dtype)
-    w = params["scale"].astype(dtype) if params else jnp.ones((c,), dtype)
-    b = params["bias"].astype(dtype) if params else jnp.zeros((c,), dtype)
+    w = params["scale"].astype(dtype) if "scale" in params else jnp.ones((c,), dtype)
+    b = params["bias"].astype(dtype) if "bias" in params else jnp.zeros((c,), dtype)
     scale = w * jax.lax.rsqrt(batch_stats["var"].astype(dtype) + eps)
     shift = b - batch_stats["mean"].astype(dtype) * scale
     return (x.astype(dtype) * scale.reshape(bshape) + shift.reshape(bshape)).astype(x.dtype)
@@ -118,8 +118,8 @@ def fold(
         raise ValueError(f"{layer}: needs the BatchNorm's running statistics (batch_stats), got {{}}.")
     eps = _core.check_eps(eps, layer)
     dtype = _core.stats_dtype(kernel.dtype)
-    gamma = params["scale"].astype(dtype) if params else jnp.ones((c,), dtype)
-    beta = params["bias"].astype(dtype) if params else jnp.zeros((c,), dtype)
+    gamma = params["scale"].astype(dtype) if "scale" in params else jnp.ones((c,), dtype)
+    beta = params["bias"].astype(dtype) if "bias" in params else jnp.zeros((c,), dtype)
     s = gamma * jax.lax.rsqrt(batch_stats["var"].astype(dtype) + eps)
     b = jnp.zeros((c,), dtype) if bias is None else bias.astype(dtype)
     new_kernel = kernel.astype(dtype) * s.reshape(_core.channel_shape(kernel.ndim, ax, c))

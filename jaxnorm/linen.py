@@ -3,10 +3,19 @@
 Variables: ``params`` = {"scale", "bias"}, ``batch_stats`` = {"mean", "var", "count"} (see jaxnorm.batch_norm_init).
 Momentum: give ``torch_momentum`` (weight of the new batch, default 0.1) or ``flax_momentum`` (decay of the old
 average, e.g. 0.99); there is deliberately no plain ``momentum`` field.
+
+Every constructor and call keyword of the flax.linen class of the same name is accepted with Flax's meaning
+(``use_scale``, ``use_bias``, ``scale_init``, ``bias_init``, ``dtype``, ``reduction_axes``, ``feature_axes``,
+``group_size``, ``axis_name``, ``axis_index_groups``, ``mask``, ...); where PyTorch's and Flax's defaults differ
+(epsilon, InstanceNorm's affine, the output dtype) the PyTorch one is kept. ``use_fast_variance`` is accepted and
+has no effect: the statistics are exact (one pass only where that is provably accurate).
+``force_float32_reductions=False`` stores the running statistics in ``param_dtype`` as Flax does; the statistics
+are still accumulated in at least float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -14,40 +23,84 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm
-from jaxnorm._conventions import resolve_momentum, resolve_training
+from jaxnorm._conventions import (
+    compute_dtype,
+    output_dtype,
+    resolve_affine,
+    resolve_momentum,
+    resolve_training,
+    running_dtype,
+)
 
 Array = jax.Array
 
 
-def _affine(module: nn.Module, shape: tuple[int, ...], with_bias: bool = True) -> dict[str, Array]:
-    params = {"scale": module.param("scale", nn.initializers.ones, shape, module.param_dtype)}
-    if with_bias:
-        params["bias"] = module.param("bias", nn.initializers.zeros, shape, module.param_dtype)
-    return params
+Axes = int | Sequence[int]
 
 
-def _running(module: nn.Module, c: int) -> dict[str, Any]:
-    guard = getattr(module, "nonfinite_guard", False)
-    init = jaxnorm.batch_norm_init(c, affine=False, dtype=module.param_dtype, nonfinite_guard=guard)[1]
-    return {k: module.variable("batch_stats", k, lambda v=v: v) for k, v in init.items()}
+class _Flax(nn.Module):
+    """The keywords every flax.linen normalization layer has."""
+
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool | None = None
+    use_scale: bool | None = None
+    bias_init: Any = nn.initializers.zeros
+    scale_init: Any = nn.initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    def _affine(self, shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> dict[str, Array]:
+        params = {}
+        if use_scale:
+            params["scale"] = self.param("scale", self.scale_init, shape, self.param_dtype)
+        if use_bias:
+            params["bias"] = self.param("bias", self.bias_init, shape, self.param_dtype)
+        return params
+
+    def _named_axis(self) -> dict[str, Any]:
+        # as flax.linen.BatchNorm: during init the named axis need not exist
+        name = None if self.is_initializing() else self.axis_name
+        return {"axis_name": name, "axis_index_groups": self.axis_index_groups if name else None}
 
 
-class _ChannelNorm(nn.Module):
+def _features(x: Array, axes: Axes) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else axes
+    return tuple(x.shape[a] for a in sorted({a % x.ndim for a in axes}))
+
+
+class _ChannelNorm(_Flax):
     """Fields and declaration logic shared by BatchNorm / InstanceNorm."""
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: Axes = -1
     torch_momentum: float | None = 0.1
     flax_momentum: float | None = None
     epsilon: float = 1e-5
-    param_dtype: Any = jnp.float32
+    affine: bool | None = None
+    nonfinite_guard: bool = False
 
-    def _apply(self, fn, x, use_running_average, *, affine, track, momentum, **kw):
+    def _running(self, fshape: tuple[int, ...]) -> dict[str, Any]:
+        init = jaxnorm.batch_norm_init(1, affine=False, nonfinite_guard=self.nonfinite_guard)[1]
+        dtype = running_dtype(self.param_dtype, self.force_float32_reductions)
+        fresh = {"mean": jnp.zeros(fshape, dtype), "var": jnp.ones(fshape, dtype)}
+        # `count` (PyTorch's num_batches_tracked) is made unless Flax's momentum is asked for, and is optional in
+        # the variables given: flax.linen.BatchNorm's saved batch_stats (mean, var) load and train unchanged
+        if self.is_initializing() and self.flax_momentum is None or self.has_variable("batch_stats", "count"):
+            fresh["count"] = init["count"]
+        if self.nonfinite_guard:
+            fresh["skipped"] = init["skipped"]
+        return {k: self.variable("batch_stats", k, lambda v=v: v) for k, v in fresh.items()}
+
+    def _apply(self, fn, x, use_running_average, *, default_affine, track, momentum, axis, **kw):
         layer = type(self).__name__
         training = resolve_training(self.use_running_average, use_running_average, layer)
-        c = x.shape[self.axis]
-        params = _affine(self, (c,)) if affine else {}
-        stats_vars = _running(self, c) if track else {}
+        use_scale, use_bias = resolve_affine(self.affine, self.use_scale, self.use_bias, default_affine, layer)
+        fshape = _features(x, axis)
+        params = self._affine(fshape, use_scale, use_bias)
+        stats_vars = self._running(fshape) if track else {}
         stats = {k: v.value for k, v in stats_vars.items()}
         if training and stats_vars and not self.is_initializing() and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
@@ -55,46 +108,52 @@ class _ChannelNorm(nn.Module):
                 "model.apply(variables, x, mutable=['batch_stats']) and keep the returned batch_stats, or pass "
                 "use_running_average=True for evaluation."
             )
-        y, new = fn(params, stats, x, training=training, axis=self.axis, momentum=momentum, eps=self.epsilon, **kw)
+        y, new = fn(params, stats, compute_dtype(x, self.dtype), training=training, axis=axis, momentum=momentum,
+                    eps=self.epsilon, **self._named_axis(), **kw)
         if training and stats_vars and not self.is_initializing():
             for k, v in stats_vars.items():
                 v.value = new[k]
-        return y
+        return output_dtype(y, self.dtype)
 
 
 class BatchNorm(_ChannelNorm):
-    """torch.nn.BatchNorm{1,2,3}d / flax.linen.BatchNorm, channels-last by default."""
+    """torch.nn.BatchNorm{1,2,3}d / flax.linen.BatchNorm, channels-last by default.
 
-    affine: bool = True
+    ``affine`` (PyTorch) or ``use_scale``/``use_bias`` (Flax); ``axis`` may be a tuple of feature axes.
+    """
+
     track_running_stats: bool = True
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-    nonfinite_guard: bool = False
     virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         momentum = resolve_momentum(self.torch_momentum, self.flax_momentum, "BatchNorm")
-        return self._apply(jaxnorm.batch_norm, x, use_running_average, affine=self.affine,
-                           track=self.track_running_stats, momentum=momentum, axis_name=self.axis_name,
-                           axis_index_groups=self.axis_index_groups, mask=mask,
+        return self._apply(jaxnorm.batch_norm, x, use_running_average, default_affine=True,
+                           track=self.track_running_stats, momentum=momentum, axis=self.axis, mask=mask,
                            running_var_unbiased=self.flax_momentum is None,
                            virtual_batch_size=self.virtual_batch_size)
 
 
 class InstanceNorm(_ChannelNorm):
-    """torch.nn.InstanceNorm{1,2,3}d (defaults affine=False, track_running_stats=False), channels-last."""
+    """torch.nn.InstanceNorm{1,2,3}d (defaults affine=False, track_running_stats=False) / flax.linen.InstanceNorm,
+    channels-last. Flax's ``feature_axes`` is another name for ``axis`` (give one)."""
 
-    affine: bool = False
     track_running_stats: bool = False
+    feature_axes: Axes | None = None
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         if not self.track_running_stats and use_running_average is None and self.use_running_average is None:
             use_running_average = False  # without running stats both modes are the same computation
+        if self.feature_axes is not None and self.axis != -1:
+            raise ValueError(
+                f"InstanceNorm: got both `axis`={self.axis!r} and `feature_axes`={self.feature_axes!r}; they name "
+                "the same thing (the channel axes), give one."
+            )
+        axis = self.axis if self.feature_axes is None else self.feature_axes
         momentum = resolve_momentum(self.torch_momentum, self.flax_momentum, "InstanceNorm")
-        return self._apply(jaxnorm.instance_norm, x, use_running_average, affine=self.affine,
-                           track=self.track_running_stats, momentum=momentum)
+        return self._apply(jaxnorm.instance_norm, x, use_running_average, default_affine=False,
+                           track=self.track_running_stats, momentum=momentum, axis=axis, mask=mask)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -108,57 +167,89 @@ class FrozenBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[self.axis]
-        params = _affine(self, (c,))
-        stats = {k: v.value for k, v in _running(self, c).items()}
+        params = {"scale": self.param("scale", nn.initializers.ones, (c,), self.param_dtype),
+                  "bias": self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)}
+        init = jaxnorm.batch_norm_init(c, affine=False, dtype=self.param_dtype)[1]
+        stats = {k: self.variable("batch_stats", k, lambda v=v: v).value for k, v in init.items()}
         return jaxnorm.frozen_batch_norm(params, stats, x, axis=self.axis, eps=self.epsilon)
 
 
-class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the trailing ``normalized_shape`` dims (default: the last dim)."""
+class _RowNorm(_Flax):
+    """LayerNorm / RMSNorm: PyTorch's ``normalized_shape`` (trailing dims) or Flax's ``reduction_axes`` and
+    ``feature_axes`` (default -1 each, as in Flax); ``elementwise_affine`` (PyTorch) or ``use_scale``/``use_bias``."""
 
     normalized_shape: int | tuple[int, ...] | None = None
+    elementwise_affine: bool | None = None
+    reduction_axes: Axes | None = None
+    feature_axes: Axes | None = None
+
+    def _run(self, fn, x, mask, with_bias):
+        layer = type(self).__name__
+        use_scale, use_bias = resolve_affine(self.elementwise_affine, self.use_scale,
+                                             self.use_bias if with_bias else None, True, layer,
+                                             "elementwise_affine")
+        if self.normalized_shape is not None and (self.reduction_axes is not None or self.feature_axes is not None):
+            given = "reduction_axes" if self.reduction_axes is not None else "feature_axes"
+            raise ValueError(
+                f"{layer}: got both `normalized_shape`={self.normalized_shape!r} (PyTorch: the trailing dims) and "
+                f"`{given}`={getattr(self, given)!r} (Flax); give one convention."
+            )
+        if self.normalized_shape is not None:
+            shape = self.normalized_shape
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            where = {"normalized_shape": shape}
+        else:
+            where = {"reduction_axes": -1 if self.reduction_axes is None else self.reduction_axes,
+                     "feature_axes": -1 if self.feature_axes is None else self.feature_axes}
+            shape = _features(x, where["feature_axes"])
+        params = self._affine(shape, use_scale, use_bias and with_bias)
+        y = fn(params, compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask, **where, **self._named_axis())
+        return output_dtype(y, self.dtype)
+
+
+class LayerNorm(_RowNorm):
+    """torch.nn.LayerNorm / flax.linen.LayerNorm; default: the last dim."""
+
     epsilon: float = 1e-5
-    elementwise_affine: bool = True
-    use_bias: bool = True
-    param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        shape = x.shape[-1:] if self.normalized_shape is None else self.normalized_shape
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        params = _affine(self, shape, self.use_bias) if self.elementwise_affine else {}
-        return jaxnorm.layer_norm(params, x, normalized_shape=shape, eps=self.epsilon)
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        return self._run(jaxnorm.layer_norm, x, mask, with_bias=True)
 
 
-class RMSNorm(nn.Module):
-    """torch.nn.RMSNorm over the trailing ``normalized_shape`` dims; ``epsilon=None`` is finfo(dtype).eps."""
+class RMSNorm(_RowNorm):
+    """torch.nn.RMSNorm / flax.linen.RMSNorm; default: the last dim; ``epsilon=None`` is finfo(dtype).eps."""
 
-    normalized_shape: int | tuple[int, ...] | None = None
     epsilon: float | None = None
-    elementwise_affine: bool = True
-    param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        shape = x.shape[-1:] if self.normalized_shape is None else self.normalized_shape
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        params = _affine(self, shape, with_bias=False) if self.elementwise_affine else {}
-        return jaxnorm.rms_norm(params, x, normalized_shape=shape, eps=self.epsilon)
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        if self.use_bias is not None:
+            raise TypeError("RMSNorm: has no bias; `use_bias` is not one of its keywords (as in Flax).")
+        return self._run(jaxnorm.rms_norm, x, mask, with_bias=False)
 
 
-class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm, channels-last by default."""
+class GroupNorm(_Flax):
+    """torch.nn.GroupNorm / flax.linen.GroupNorm, channels-last by default: ``num_groups`` (32 when neither is
+    given) or ``group_size``; Flax's ``reduction_axes`` (default: all but the batch axis 0); ``affine`` (PyTorch)
+    or ``use_scale``/``use_bias``."""
 
-    num_groups: int = 32
+    num_groups: int | None = None
+    group_size: int | None = None
     axis: int = -1
     epsilon: float = 1e-5
-    affine: bool = True
-    param_dtype: Any = jnp.float32
+    affine: bool | None = None
+    reduction_axes: Axes | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        params = _affine(self, (x.shape[self.axis],)) if self.affine else {}
-        return jaxnorm.group_norm(params, x, num_groups=self.num_groups, axis=self.axis, eps=self.epsilon)
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        use_scale, use_bias = resolve_affine(self.affine, self.use_scale, self.use_bias, True, "GroupNorm")
+        params = self._affine((x.shape[self.axis],), use_scale, use_bias)
+        groups = 32 if self.num_groups is None and self.group_size is None else self.num_groups
+        y = jaxnorm.group_norm(params, compute_dtype(x, self.dtype), num_groups=groups, group_size=self.group_size,
+                               axis=self.axis, eps=self.epsilon, reduction_axes=self.reduction_axes, mask=mask,
+                               **self._named_axis())
+        return output_dtype(y, self.dtype)
 
 
 __all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]

@@ -1,10 +1,16 @@
 """Flax NNX wrappers: ``nnx.Param`` / ``nnx.BatchStat`` variables, ``.train()`` / ``.eval()``, functional core.
 
 Channels-last (``axis=-1``) by default; momentum via ``torch_momentum`` or ``flax_momentum`` as in jaxnorm.linen.
+Every constructor and call keyword of the flax.nnx class of the same name is accepted with Flax's meaning and
+Flax's positional order (``GroupNorm(num_features, num_groups=32, group_size=None)``); PyTorch's names are
+keywords (``num_channels``, ``normalized_shape``, ``affine``, ``elementwise_affine``). ``use_fast_variance`` and
+``promote_dtype`` are accepted and have no effect (the statistics are exact, in at least float32, and the output
+has ``dtype``, or x's dtype when it is None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -12,129 +18,260 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxnorm
-from jaxnorm._conventions import resolve_momentum, resolve_training
+from jaxnorm._conventions import (
+    compute_dtype,
+    output_dtype,
+    resolve_affine,
+    resolve_momentum,
+    resolve_training,
+    running_dtype,
+)
 
 Array = jax.Array
+Axes = int | Sequence[int]
+_zeros, _ones = nnx.initializers.zeros_init(), nnx.initializers.ones_init()
+_NO_METADATA: Mapping[str, Any] = {}
 
 
-def _set_params(module: nnx.Module, params: dict[str, Array]) -> None:
-    for k in ("scale", "bias"):
-        setattr(module, k, nnx.Param(params[k]) if k in params else None)
+class _Flax(nnx.Module):
+    def _declare(self, shape, use_scale, use_bias, *, param_dtype, scale_init, bias_init, rngs, scale_metadata,
+                 bias_metadata, dtype, axis_name, axis_index_groups):
+        for name, on, init, meta in (("scale", use_scale, scale_init, scale_metadata),
+                                     ("bias", use_bias, bias_init, bias_metadata)):
+            if not on:
+                setattr(self, name, None)
+                continue
+            if rngs is None and init not in (_zeros, _ones):
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}_init` draws from a key; pass `rngs=nnx.Rngs(...)`.")
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            setattr(self, name, nnx.Param(init(key, shape, param_dtype), **meta))
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+
+    def _params(self) -> dict[str, Array]:
+        return {k: getattr(self, k)[...] for k in ("scale", "bias") if getattr(self, k, None) is not None}
+
+    def _named_axis(self) -> dict[str, Any]:
+        return {"axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups}
 
 
-def _params(module: nnx.Module) -> dict[str, Array]:
-    return {k: getattr(module, k)[...] for k in ("scale", "bias") if getattr(module, k, None) is not None}
-
-
-class _ChannelNorm(nnx.Module):
+class _ChannelNorm(_Flax):
     _fn: Any = None
 
     def __init__(self, num_features, *, use_running_average, axis, torch_momentum, flax_momentum, epsilon, affine,
-                 track_running_stats, param_dtype, init, nonfinite_guard=False):
-        params, stats = init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=param_dtype,
-                             nonfinite_guard=nonfinite_guard)
-        _set_params(self, params)
+                 use_scale, use_bias, default_affine, track_running_stats, dtype, param_dtype, scale_init,
+                 bias_init, axis_name, axis_index_groups, force_float32_reductions, rngs, scale_metadata,
+                 bias_metadata, nonfinite_guard=False):
+        layer = type(self).__name__
+        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, default_affine, layer)
+        self._declare(shape, use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
+                      bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
+                      dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
+        stats = {}
+        if track_running_stats:
+            init = jaxnorm.batch_norm_init(1, affine=False, nonfinite_guard=nonfinite_guard)[1]
+            rdtype = running_dtype(param_dtype, force_float32_reductions)
+            stats = {"mean": jnp.zeros(shape, rdtype), "var": jnp.ones(shape, rdtype)}
+            if flax_momentum is None:  # PyTorch's num_batches_tracked; Flax's state has only mean and var
+                stats["count"] = init["count"]
+            if nonfinite_guard:
+                stats["skipped"] = init["skipped"]
         self.tracked = bool(stats)
         self._stat_keys = tuple(stats)
         for k in ("mean", "var", "count", "skipped"):
             setattr(self, k, nnx.BatchStat(stats[k]) if k in stats else None)
+        self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = resolve_momentum(torch_momentum, flax_momentum, type(self).__name__)
+        self.momentum = resolve_momentum(torch_momentum, flax_momentum, layer)
         self.epsilon = epsilon
 
     def _call(self, x, use_running_average, **kw):
         training = resolve_training(self.use_running_average, use_running_average, type(self).__name__)
         stats = {k: getattr(self, k)[...] for k in self._stat_keys}
-        y, new = type(self)._fn(_params(self), stats, x, training=training, axis=self.axis, momentum=self.momentum,
-                                eps=self.epsilon, **kw)
+        y, new = type(self)._fn(self._params(), stats, compute_dtype(x, self.dtype), training=training,
+                                axis=self.axis, momentum=self.momentum, eps=self.epsilon, **self._named_axis(), **kw)
         if training and self.tracked:
             for k in self._stat_keys:
                 getattr(self, k)[...] = new[k]
-        return y
+        return output_dtype(y, self.dtype)
 
 
 class BatchNorm(_ChannelNorm):
-    """torch.nn.BatchNorm{1,2,3}d for NNX."""
+    """torch.nn.BatchNorm{1,2,3}d / flax.nnx.BatchNorm; ``affine`` (PyTorch) or ``use_scale``/``use_bias``."""
 
     _fn = staticmethod(jaxnorm.batch_norm)
 
-    def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis: Axes = -1,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
-                 affine: bool = True, track_running_stats: bool = True, axis_name: str | None = None,
-                 axis_index_groups: Any = None, nonfinite_guard: bool = False, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 dtype: Any = None, param_dtype: Any = jnp.float32, affine: bool | None = None,
+                 use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
+                 scale_init: Any = _ones, track_running_stats: bool = True, axis_name: str | None = None,
+                 axis_index_groups: Any = None, use_fast_variance: bool = True, force_float32_reductions: bool = True,
+                 promote_dtype: Any = None, nonfinite_guard: bool = False, rngs: nnx.Rngs | None = None,
+                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
         super().__init__(num_features, use_running_average=use_running_average, axis=axis,
                          torch_momentum=torch_momentum, flax_momentum=flax_momentum, epsilon=epsilon, affine=affine,
-                         track_running_stats=track_running_stats, param_dtype=param_dtype,
-                         init=jaxnorm.batch_norm_init, nonfinite_guard=nonfinite_guard)
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
+                         use_scale=use_scale, use_bias=use_bias, default_affine=True,
+                         track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
+                         scale_init=scale_init, bias_init=bias_init, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups, force_float32_reductions=force_float32_reductions,
+                         rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
+                         nonfinite_guard=nonfinite_guard)
         self.flax_like = flax_momentum is not None
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        return self._call(x, use_running_average, axis_name=self.axis_name,
-                          axis_index_groups=self.axis_index_groups, mask=mask,
-                          running_var_unbiased=not self.flax_like)
+        return self._call(x, use_running_average, mask=mask, running_var_unbiased=not self.flax_like)
 
 
 class InstanceNorm(_ChannelNorm):
-    """torch.nn.InstanceNorm{1,2,3}d for NNX."""
+    """torch.nn.InstanceNorm{1,2,3}d (affine off, no running stats by default) / flax.nnx.InstanceNorm;
+    ``feature_axes`` is Flax's name for ``axis``."""
 
     _fn = staticmethod(jaxnorm.instance_norm)
 
-    def __init__(self, num_features: int, *, use_running_average: bool = False, axis: int = -1,
-                 torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
-                 affine: bool = False, track_running_stats: bool = False, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
-        super().__init__(num_features, use_running_average=use_running_average, axis=axis,
-                         torch_momentum=torch_momentum, flax_momentum=flax_momentum, epsilon=epsilon, affine=affine,
-                         track_running_stats=track_running_stats, param_dtype=param_dtype,
-                         init=jaxnorm.instance_norm_init)
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis: Axes = -1,
+                 feature_axes: Axes | None = None, torch_momentum: float | None = 0.1,
+                 flax_momentum: float | None = None, epsilon: float = 1e-5, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, affine: bool | None = None, use_bias: bool | None = None,
+                 use_scale: bool | None = None, bias_init: Any = _zeros, scale_init: Any = _ones,
+                 track_running_stats: bool = False, axis_name: str | None = None, axis_index_groups: Any = None,
+                 use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
+                 rngs: nnx.Rngs | None = None, bias_metadata: Mapping[str, Any] = _NO_METADATA,
+                 scale_metadata: Mapping[str, Any] = _NO_METADATA):
+        if feature_axes is not None and axis != -1:
+            raise ValueError(
+                f"InstanceNorm: got both `axis`={axis!r} and `feature_axes`={feature_axes!r}; they name the same "
+                "thing (the channel axes), give one.")
+        super().__init__(num_features, use_running_average=use_running_average,
+                         axis=axis if feature_axes is None else feature_axes, torch_momentum=torch_momentum,
+                         flax_momentum=flax_momentum, epsilon=epsilon, affine=affine, use_scale=use_scale,
+                         use_bias=use_bias, default_affine=False, track_running_stats=track_running_stats,
+                         dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init,
+                         axis_name=axis_name, axis_index_groups=axis_index_groups,
+                         force_float32_reductions=force_float32_reductions, rngs=rngs,
+                         scale_metadata=scale_metadata, bias_metadata=bias_metadata)
 
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        return self._call(x, use_running_average)
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        return self._call(x, use_running_average, mask=mask)
 
 
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm for NNX."""
-
-    def __init__(self, normalized_shape: int | tuple[int, ...], *, epsilon: float = 1e-5,
-                 elementwise_affine: bool = True, use_bias: bool = True, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
-        self.normalized_shape = normalized_shape
+class _RowNorm(_Flax):
+    def __init__(self, num_features, normalized_shape, *, epsilon, elementwise_affine, use_scale, use_bias,
+                 with_bias, reduction_axes, feature_axes, dtype, param_dtype, scale_init, bias_init, axis_name,
+                 axis_index_groups, rngs, scale_metadata, bias_metadata):
+        layer = type(self).__name__
+        if num_features is not None and normalized_shape is not None:
+            raise ValueError(f"{layer}: got both `num_features`={num_features!r} (Flax) and `normalized_shape`="
+                             f"{normalized_shape!r} (PyTorch); give one.")
+        shape = num_features if normalized_shape is None else normalized_shape
+        if shape is None:
+            raise TypeError(f"{layer}: give `num_features` (Flax) or `normalized_shape` (PyTorch).")
+        trailing = not isinstance(shape, int)  # a tuple: PyTorch's normalized_shape (the trailing dims)
+        if trailing and (reduction_axes is not None or feature_axes is not None):
+            raise ValueError(
+                f"{layer}: got both `normalized_shape`={shape!r} (PyTorch: the trailing dims) and "
+                f"`reduction_axes`/`feature_axes` (Flax); give one convention.")
+        use_scale, use_bias = resolve_affine(elementwise_affine, use_scale, use_bias if with_bias else None, True,
+                                             layer, "elementwise_affine")
+        self._declare((shape,) if isinstance(shape, int) else tuple(shape), use_scale, use_bias and with_bias,
+                      param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init, rngs=rngs,
+                      scale_metadata=scale_metadata, bias_metadata=bias_metadata, dtype=dtype, axis_name=axis_name,
+                      axis_index_groups=axis_index_groups)
+        self.num_features = shape
         self.epsilon = epsilon
-        _set_params(self, jaxnorm.layer_norm_init(normalized_shape, elementwise_affine=elementwise_affine,
-                                                  bias=use_bias, dtype=param_dtype))
+        self.where = {"normalized_shape": tuple(shape)} if trailing else {
+            "reduction_axes": -1 if reduction_axes is None else reduction_axes,
+            "feature_axes": -1 if feature_axes is None else feature_axes}
 
-    def __call__(self, x: Array) -> Array:
-        return jaxnorm.layer_norm(_params(self), x, normalized_shape=self.normalized_shape, eps=self.epsilon)
-
-
-class RMSNorm(nnx.Module):
-    """torch.nn.RMSNorm for NNX."""
-
-    def __init__(self, normalized_shape: int | tuple[int, ...], *, epsilon: float | None = None,
-                 elementwise_affine: bool = True, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
-        self.normalized_shape = normalized_shape
-        self.epsilon = epsilon
-        _set_params(self, jaxnorm.rms_norm_init(normalized_shape, elementwise_affine=elementwise_affine,
-                                                dtype=param_dtype))
-
-    def __call__(self, x: Array) -> Array:
-        return jaxnorm.rms_norm(_params(self), x, normalized_shape=self.normalized_shape, eps=self.epsilon)
+    def _run(self, fn, x, mask):
+        y = fn(self._params(), compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask, **self.where,
+               **self._named_axis())
+        return output_dtype(y, self.dtype)
 
 
-class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm for NNX, channels-last by default."""
+class LayerNorm(_RowNorm):
+    """torch.nn.LayerNorm / flax.nnx.LayerNorm: an int ``num_features`` with Flax's axes (default -1), or a
+    tuple (``normalized_shape``) for PyTorch's trailing dims."""
 
-    def __init__(self, num_groups: int, num_channels: int, *, axis: int = -1, epsilon: float = 1e-5,
-                 affine: bool = True, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
-        self.num_groups, self.axis, self.epsilon = num_groups, axis, epsilon
-        _set_params(self, jaxnorm.group_norm_init(num_groups, num_channels, affine=affine, dtype=param_dtype))
+    def __init__(self, num_features: int | tuple[int, ...] | None = None, *,
+                 normalized_shape: int | tuple[int, ...] | None = None, epsilon: float = 1e-5, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
+                 use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
+                 scale_init: Any = _ones, reduction_axes: Axes | None = None, feature_axes: Axes | None = None,
+                 axis_name: str | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
+                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
+        super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
+                         use_scale=use_scale, use_bias=use_bias, with_bias=True, reduction_axes=reduction_axes,
+                         feature_axes=feature_axes, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
+                         bias_init=bias_init, axis_name=axis_name, axis_index_groups=axis_index_groups, rngs=rngs,
+                         scale_metadata=scale_metadata, bias_metadata=bias_metadata)
 
-    def __call__(self, x: Array) -> Array:
-        return jaxnorm.group_norm(_params(self), x, num_groups=self.num_groups, axis=self.axis, eps=self.epsilon)
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        return self._run(jaxnorm.layer_norm, x, mask)
+
+
+class RMSNorm(_RowNorm):
+    """torch.nn.RMSNorm / flax.nnx.RMSNorm (``epsilon=None``: finfo(dtype).eps, as PyTorch)."""
+
+    def __init__(self, num_features: int | tuple[int, ...] | None = None, *,
+                 normalized_shape: int | tuple[int, ...] | None = None, epsilon: float | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
+                 use_scale: bool | None = None, scale_init: Any = _ones, reduction_axes: Axes | None = None,
+                 feature_axes: Axes | None = None, axis_name: str | None = None, axis_index_groups: Any = None,
+                 use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
+                 rngs: nnx.Rngs | None = None, scale_metadata: Mapping[str, Any] = _NO_METADATA):
+        super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
+                         use_scale=use_scale, use_bias=None, with_bias=False, reduction_axes=reduction_axes,
+                         feature_axes=feature_axes, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
+                         bias_init=_zeros, axis_name=axis_name, axis_index_groups=axis_index_groups, rngs=rngs,
+                         scale_metadata=scale_metadata, bias_metadata=_NO_METADATA)
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        return self._run(jaxnorm.rms_norm, x, mask)
+
+
+class GroupNorm(_Flax):
+    """flax.nnx.GroupNorm / torch.nn.GroupNorm, channels-last: Flax's order ``GroupNorm(num_features,
+    num_groups=32, group_size=None)``; PyTorch's ``num_channels`` is a keyword alias of ``num_features``."""
+
+    def __init__(self, num_features: int | None = None, num_groups: int | None = None,
+                 group_size: int | None = None, *, num_channels: int | None = None, axis: int = -1,
+                 epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 affine: bool | None = None, use_bias: bool | None = None, use_scale: bool | None = None,
+                 bias_init: Any = _zeros, scale_init: Any = _ones, reduction_axes: Axes | None = None,
+                 axis_name: str | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
+                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
+        if num_features is not None and num_channels is not None:
+            raise ValueError(f"GroupNorm: got both `num_features`={num_features!r} (Flax) and `num_channels`="
+                             f"{num_channels!r} (PyTorch); they name the same thing, give one.")
+        c = num_features if num_channels is None else num_channels
+        if c is None:
+            raise TypeError("GroupNorm: give the number of channels, `num_features` (or `num_channels`).")
+        if num_groups is None and group_size is None:
+            num_groups = 32
+        if num_groups is not None and group_size is not None:
+            raise ValueError(f"GroupNorm: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; "
+                             "give one of them.")
+        jaxnorm.group_norm_init(num_groups if group_size is None else max(1, c // group_size), c)  # checks
+        if group_size is not None and c % group_size:
+            raise ValueError(f"GroupNorm: `group_size`={group_size} must divide the number of channels {c}.")
+        use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, True, "GroupNorm")
+        self._declare((c,), use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
+                      bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
+                      dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
+        self.num_features, self.num_groups, self.group_size = c, num_groups, group_size
+        self.axis, self.epsilon, self.reduction_axes = axis, epsilon, reduction_axes
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        y = jaxnorm.group_norm(self._params(), compute_dtype(x, self.dtype), num_groups=self.num_groups,
+                               group_size=self.group_size, axis=self.axis, eps=self.epsilon,
+                               reduction_axes=self.reduction_axes, mask=mask, **self._named_axis())
+        return output_dtype(y, self.dtype)
 
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]

@@ -265,7 +265,7 @@ def _modes():
          lambda x, p, s: tb.instance_norm(p, s, x, training=True, **last)),
         ("nnx.LayerNorm", lambda: jn.LayerNorm(4), (3, 4),
          lambda x, p, s: (tb.layer_norm(p, x, normalized_shape=(4,)), s)),
-        ("nnx.GroupNorm", lambda: jn.GroupNorm(2, 4), (2, 3, 4),
+        ("nnx.GroupNorm", lambda: jn.GroupNorm(4, num_groups=2), (2, 3, 4),
          lambda x, p, s: (tb.group_norm(p, x, num_groups=2, **last), s)),
         ("nnx.RMSNorm", lambda: jn.RMSNorm(4, epsilon=1e-5), (3, 4),
          lambda x, p, s: (tb.rms_norm(p, x, normalized_shape=(4,), eps=1e-5), s)),

@@ -67,7 +67,7 @@ def _cases():
          lambda x, tr: jaxnorm.instance_norm(ips, ist, x, training=tr, axis=-1)),
         ("LayerNorm", jl.LayerNorm(normalized_shape=(3, 4)), jn.LayerNorm((3, 4)),
          lambda x, tr: (jaxnorm.layer_norm(jaxnorm.layer_norm_init((3, 4)), x, normalized_shape=(3, 4)), {})),
-        ("GroupNorm", jl.GroupNorm(num_groups=2), jn.GroupNorm(2, c),
+        ("GroupNorm", jl.GroupNorm(num_groups=2), jn.GroupNorm(c, num_groups=2),
          lambda x, tr: (jaxnorm.group_norm(jaxnorm.group_norm_init(2, c), x, num_groups=2, axis=-1), {})),
         ("RMSNorm", jl.RMSNorm(), jn.RMSNorm(c),
          lambda x, tr: (jaxnorm.rms_norm(jaxnorm.rms_norm_init(c), x, normalized_shape=c), {})),

@@ -1,0 +1,279 @@
+"""jaxnorm.linen / jaxnorm.nnx as drop-ins for flax.linen / flax.nnx: the same keywords give the same numbers.
+
+Each configuration is drawn at random (shapes, axes, masks, groups, affine switches, epsilon, momentum, dtype)
+from a fixed seed and run through Flax's own layer (``use_fast_variance=False``) and ours with identical variables:
+outputs, updated ``batch_stats`` and the gradients with respect to x and every parameter must agree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnorm import linen as jl
+from jaxnorm import nnx as jn
+
+N_CONFIGS = 6
+TOL = dict(rtol=2e-5, atol=2e-5)  # float32: Flax's two-pass variance vs ours, and the gradient formulas
+
+
+def _axes_subset(rng, ndim, *, lo=0, k=None):
+    axes = list(range(lo, ndim))
+    k = k or int(rng.integers(1, len(axes) + 1))
+    picked = sorted(rng.choice(axes, size=k, replace=False).tolist())
+    # Flax accepts negative axes: use them half of the time
+    return tuple(a - ndim if rng.random() < 0.5 else a for a in picked)
+
+
+def _mask(rng, shape, constant_on=(), ensure_on=()):
+    """A random bool mask broadcastable to ``shape``; size 1 on ``constant_on``; at least one True in every set of
+    positions the statistics pool (index 0 along ``ensure_on`` is always True)."""
+    mshape = tuple(1 if (i in constant_on or rng.random() < 0.25) else d for i, d in enumerate(shape))
+    m = rng.random(mshape) < 0.7
+    m[tuple(0 if i in ensure_on else slice(None) for i in range(len(shape)))] = True
+    return jnp.asarray(m)
+
+
+def _config(layer, seed):
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(2 if layer in ("BatchNorm", "LayerNorm", "RMSNorm") else 3, 5))
+    shape = [int(d) for d in rng.integers(2, 5, size=ndim)]
+    kw = {"epsilon": float(rng.choice([1e-6, 1e-5, 1e-3, 0.1]))}
+    call = {}
+    if layer != "RMSNorm":
+        kw["use_bias"] = bool(rng.random() < 0.7)
+    kw["use_scale"] = bool(rng.random() < 0.7)
+    if layer == "BatchNorm":
+        axis = _axes_subset(rng, ndim, k=1)[0] if ndim < 3 or rng.random() < 0.7 else _axes_subset(rng, ndim, k=2)
+        kw["axis"] = axis
+        kw["momentum"] = float(rng.choice([0.0, 0.5, 0.9, 0.99]))
+        feats = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+        if rng.random() < 0.5:
+            call["mask"] = _mask(rng, shape, constant_on=feats,
+                                 ensure_on=[i for i in range(ndim) if i not in feats])
+    elif layer in ("LayerNorm", "RMSNorm"):
+        kw["reduction_axes"] = _axes_subset(rng, ndim)
+        kw["feature_axes"] = _axes_subset(rng, ndim)
+        if rng.random() < 0.5:
+            red = {a % ndim for a in kw["reduction_axes"]}
+            call["mask"] = _mask(rng, shape, ensure_on=red)
+    elif layer == "GroupNorm":
+        size, groups = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        shape[-1] = size * groups
+        if rng.random() < 0.5:
+            kw["num_groups"] = groups
+        else:
+            kw["num_groups"], kw["group_size"] = None, size
+        if rng.random() < 0.5:  # Flax's reduction_axes: must include the last (feature) axis
+            kw["reduction_axes"] = tuple(sorted(set(_axes_subset(rng, ndim - 1, lo=1)) | {ndim - 1}))
+        if rng.random() < 0.5:
+            red = set(range(1, ndim)) if "reduction_axes" not in kw else set(kw["reduction_axes"])
+            call["mask"] = _mask(rng, shape, ensure_on=red)
+            call["mask"] = jnp.broadcast_to(call["mask"], call["mask"].shape[:-1] + (shape[-1],))  # Flax: full C
+    elif layer == "InstanceNorm":
+        feats = _axes_subset(rng, ndim, lo=1, k=1 if rng.random() < 0.7 else 2)
+        if len(feats) == ndim - 1:
+            feats = feats[:1]
+        kw["feature_axes"] = feats
+        if rng.random() < 0.5:
+            fset = {a % ndim for a in feats}
+            call["mask"] = _mask(rng, shape, constant_on=fset | {0} if rng.random() < 0.5 else fset,
+                                 ensure_on=[i for i in range(1, ndim) if i not in fset])
+    dtype = jnp.float32
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.uniform(-2, 2), dtype)
+    return kw, call, x
+
+
+def _ours_kw(layer, kw):
+    """The same keywords for jaxnorm, except the one that must be explicit there: momentum."""
+    ours = dict(kw)
+    if layer == "BatchNorm":
+        ours["flax_momentum"] = ours.pop("momentum")
+    return ours
+
+
+def _random_like(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=v.shape) + 1, v.dtype) for v in leaves])
+
+
+LAYERS = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"]
+CASES = [(layer, seed) for layer in LAYERS for seed in range(N_CONFIGS)]
+
+
+@pytest.mark.parametrize("layer,seed", CASES, ids=[f"{lay}-{s}" for lay, s in CASES])
+def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
+    kw, call, x = _config(layer, seed)
+    train = layer == "BatchNorm"
+    flax_mod = getattr(nn, layer)(use_fast_variance=False, **kw)
+    ours = getattr(jl, layer)(**_ours_kw(layer, kw))
+    extra = {"use_running_average": False} if train else {}
+    fv = flax_mod.init(jax.random.key(0), x, **extra, **call)
+    ov = ours.init(jax.random.key(0), x, **extra, **call)
+    # the same variable names and shapes as Flax (momentum given Flax's way: no `count`)
+    assert jax.tree.map(jnp.shape, ov) == jax.tree.map(jnp.shape, fv), (ov, fv)
+    params = _random_like(fv["params"], seed) if "params" in fv else {}
+    variables = {**fv, "params": params} if params else fv
+    dy = jnp.asarray(np.random.default_rng(seed + 100).normal(size=x.shape), x.dtype)
+
+    def loss(module, p, x):
+        v = {**variables, "params": p} if p else variables
+        if train:
+            y, upd = module.apply(v, x, use_running_average=False, mutable=["batch_stats"], **call)
+        else:
+            y, upd = module.apply(v, x, **call), {}
+        return jnp.sum(y * dy), (y, upd)
+
+    (_, (fy, fupd)), fg = jax.value_and_grad(lambda p, x: loss(flax_mod, p, x), (0, 1), has_aux=True)(params, x)
+    (_, (oy, oupd)), og = jax.value_and_grad(lambda p, x: loss(ours, p, x), (0, 1), has_aux=True)(params, x)
+    np.testing.assert_allclose(oy, fy, **TOL)
+    assert oy.dtype == fy.dtype
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), og, fg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), oupd, fupd)
+    if train:  # and evaluation with the updated statistics
+        ev = {**variables, **fupd}
+        np.testing.assert_allclose(ours.apply(ev, x, use_running_average=True),
+                                   flax_mod.apply(ev, x, use_running_average=True), **TOL)
+
+
+def _nnx_pair(layer, kw, x):
+    kw = dict(kw)
+    rngs = dict(rngs=nnx.Rngs(0))
+    if layer in ("LayerNorm", "RMSNorm"):  # NNX params are (num_features,): one feature axis
+        kw["feature_axes"] = kw["feature_axes"][:1]
+        c = x.shape[kw["feature_axes"][0]]
+    elif layer == "BatchNorm":
+        kw["axis"] = kw["axis"] if isinstance(kw["axis"], int) else kw["axis"][0]
+        c = x.shape[kw["axis"]]
+    elif layer == "InstanceNorm":
+        kw["feature_axes"] = kw["feature_axes"][:1]
+        c = x.shape[kw["feature_axes"][0]]
+    else:
+        c = x.shape[-1]
+        # flax.nnx.GroupNorm (0.12) repeats the group statistics along axis 1 instead of the channel axis, which
+        # is wrong when reduction_axes leave out a non-batch axis; that case is compared with flax.linen below
+        kw.pop("reduction_axes", None)
+    flax_mod = getattr(nnx, layer)(c, use_fast_variance=False, **kw, **rngs)
+    ours = getattr(jn, layer)(c, **_ours_kw(layer, kw), **rngs)
+    return flax_mod, ours
+
+
+@pytest.mark.parametrize("layer,seed", CASES, ids=[f"{lay}-{s}" for lay, s in CASES])
+def test_nnx_matches_flax_nnx_keyword_for_keyword(layer, seed):
+    kw, call, x = _config(layer, seed)
+    flax_mod, ours = _nnx_pair(layer, kw, x)
+    fstate, ostate = nnx.state(flax_mod, nnx.Param), nnx.state(ours, nnx.Param)
+    assert jax.tree.map(jnp.shape, nnx.to_pure_dict(ostate)) == jax.tree.map(jnp.shape, nnx.to_pure_dict(fstate))
+    new = _random_like(nnx.to_pure_dict(fstate), seed)
+    for m in (flax_mod, ours):
+        nnx.replace_by_pure_dict(st := nnx.state(m, nnx.Param), new)
+        nnx.update(m, st)
+    if layer == "BatchNorm":
+        fb, ob = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (flax_mod, ours))
+        assert jax.tree.map(jnp.shape, ob) == jax.tree.map(jnp.shape, fb)  # no `count` with Flax's momentum
+    dy = jnp.asarray(np.random.default_rng(seed + 100).normal(size=x.shape), x.dtype)
+
+    def loss(m, x):
+        y = m(x, **call)
+        return jnp.sum(y * dy), y
+
+    (_, fy), (fg, fgx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(flax_mod, x)
+    (_, oy), (og, ogx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ours, x)
+    np.testing.assert_allclose(oy, fy, **TOL)
+    np.testing.assert_allclose(ogx, fgx, **TOL)
+    fgp, ogp = (nnx.to_pure_dict(nnx.state(g, nnx.Param)) for g in (fg, og))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ogp, fgp)
+    if layer == "BatchNorm":
+        fb, ob = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (flax_mod, ours))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ob, fb)
+        flax_mod.eval(), ours.eval()
+        np.testing.assert_allclose(ours(x), flax_mod(x), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_dtype_keyword_gives_flaxs_output_dtype_and_numbers(dtype, x_dtype):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 8)) * 2 + 1, x_dtype)
+    for layer, kw in (("LayerNorm", {}), ("RMSNorm", {}), ("GroupNorm", {"num_groups": 4})):
+        f, o = getattr(nn, layer)(dtype=dtype, use_fast_variance=False, **kw), getattr(jl, layer)(dtype=dtype, **kw)
+        v = f.init(jax.random.key(0), x)
+        fy, oy = f.apply(v, x), o.apply(v, x)
+        assert oy.dtype == fy.dtype == dtype
+        tol = 1e-2 if jnp.dtype(dtype) == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(np.asarray(oy, np.float64), np.asarray(fy, np.float64), rtol=tol, atol=tol)
+
+
+def test_default_output_dtype_is_the_inputs_where_flax_promotes_with_the_params():
+    x = jnp.ones((2, 8), jnp.bfloat16).at[:, 0].set(3)
+    v = nn.LayerNorm().init(jax.random.key(0), x)
+    assert nn.LayerNorm().apply(v, x).dtype == jnp.float32  # Flax: result_type(x, f32 params)
+    assert jl.LayerNorm().apply(v, x).dtype == jnp.bfloat16  # jaxnorm: x's dtype, as PyTorch
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: jl.GroupNorm(num_groups=4, group_size=2), r"both `num_groups`=4 and `group_size`=2"),
+    (lambda: jl.LayerNorm(normalized_shape=8, reduction_axes=-1), r"both `normalized_shape`=8.*`reduction_axes`"),
+    (lambda: jl.LayerNorm(elementwise_affine=False, use_scale=True), r"both `elementwise_affine`=False.*`use_scale`"),
+    (lambda: jl.BatchNorm(affine=True, use_scale=False), r"both `affine`=True.*`use_scale`=False"),
+    (lambda: jl.InstanceNorm(affine=True, use_bias=True), r"both `affine`=True.*`use_bias`=True"),
+    (lambda: jl.InstanceNorm(axis=1, feature_axes=2), r"both `axis`=1 and `feature_axes`=2"),
+])
+def test_conflicting_linen_keywords_name_both(make, match):
+    module = make()
+    call = {"use_running_average": False} if isinstance(module, (jl.BatchNorm, jl.InstanceNorm)) else {}
+    with pytest.raises(ValueError, match=match):
+        module.init(jax.random.key(0), jnp.ones((2, 4, 8)), **call)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: jn.GroupNorm(8, num_groups=4, group_size=2), r"both `num_groups`=4 and `group_size`=2"),
+    (lambda: jn.GroupNorm(8, num_channels=8), r"both `num_features`=8.*`num_channels`=8"),
+    (lambda: jn.LayerNorm(8, normalized_shape=8), r"both `num_features`=8.*`normalized_shape`=8"),
+    (lambda: jn.LayerNorm((4, 8), reduction_axes=-1), r"both `normalized_shape`=\(4, 8\).*`reduction_axes`"),
+    (lambda: jn.BatchNorm(8, affine=False, use_bias=True), r"both `affine`=False.*`use_bias`=True"),
+    (lambda: jn.RMSNorm(8, elementwise_affine=True, use_scale=False), r"both `elementwise_affine`=True"),
+])
+def test_conflicting_nnx_keywords_name_both(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_pytorch_defaults_kept_where_flax_differs():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 6)), jnp.float32)
+    # InstanceNorm: PyTorch has no affine by default, Flax has both; Flax's keyword turns on Flax's pair
+    assert jl.InstanceNorm().init(jax.random.key(0), x) == {}
+    assert set(jl.InstanceNorm(use_scale=True).init(jax.random.key(0), x)["params"]) == {"scale", "bias"}
+    assert set(jl.InstanceNorm(use_scale=True, use_bias=False).init(jax.random.key(0), x)["params"]) == {"scale"}
+    # epsilon: PyTorch's 1e-5 (Flax's LayerNorm: 1e-6)
+    assert jl.LayerNorm().epsilon == 1e-5 and nn.LayerNorm().epsilon == 1e-6
+    # GroupNorm: 32 groups unless group_size is given, as Flax
+    assert jl.GroupNorm(group_size=3, use_scale=False, use_bias=False).apply({}, x).shape == x.shape
+    with pytest.raises(ValueError, match="`num_groups`=32 must divide the number of channels 6"):
+        jl.GroupNorm().init(jax.random.key(0), x)
+
+
+def test_layer_norm_over_channels_first_is_timms_layernorm2d():
+    """LayerNorm over C of an NCHW tensor (ConvNeXt's LayerNorm2d): the same as channels-last LayerNorm."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 6, 3, 4)) + 2, jnp.float32)
+    m = jl.LayerNorm(reduction_axes=1, feature_axes=1)
+    v = m.init(jax.random.key(0), x)
+    v = {"params": _random_like(v["params"], 3)}
+    y = m.apply(v, x)
+    ref = jl.LayerNorm().apply(v, jnp.moveaxis(x, 1, -1))
+    np.testing.assert_allclose(y, jnp.moveaxis(ref, -1, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_group_norm_with_partial_reduction_axes_matches_flax_linen():
+    """Statistics over (H, C-group) only, per (N, W): flax.linen's answer (flax.nnx.GroupNorm 0.12 puts them on
+    the wrong axis here)."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 4, 6)) + 1, jnp.float32)
+    mask = jnp.asarray(np.random.default_rng(5).random((2, 3, 4, 6)) < 0.7).at[:, 0].set(True)
+    ref_mod = nn.GroupNorm(num_groups=3, reduction_axes=(1, 3), epsilon=1e-5, use_fast_variance=False)
+    ref = ref_mod.apply(ref_mod.init(jax.random.key(0), x), x, mask=mask)
+    ours = jn.GroupNorm(6, num_groups=3, reduction_axes=(1, 3))(x, mask=mask)
+    np.testing.assert_allclose(ours, ref, **TOL)
