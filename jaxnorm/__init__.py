@@ -8,7 +8,9 @@ from jaxnorm._batch_norm import batch_norm, batch_norm_init
 from jaxnorm._group_norm import group_norm, group_norm_init
 from jaxnorm._instance_norm import instance_norm, instance_norm_init
 from jaxnorm._layer_norm import layer_norm, layer_norm_init, rms_norm, rms_norm_init
+from jaxnorm._local_response_norm import local_response_norm
 from jaxnorm._variants import batch_renorm, fold, fold_variables, frozen_batch_norm
+from jaxnorm._weight_norms import spectral_norm, weight_norm
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,9 @@ __all__ = [
     "instance_norm_init",
     "layer_norm",
     "layer_norm_init",
+    "local_response_norm",
     "rms_norm",
     "rms_norm_init",
+    "spectral_norm",
+    "weight_norm",
 ]

@@ -68,6 +68,11 @@ def build(torch_cls: str, ctor: dict, dtype: Any = jnp.float32) -> Built:
             return fn(p, x, normalized_shape=shape, eps=eps), s
 
         return Built(params, {}, apply, False)
+    if torch_cls == "LocalResponseNorm":
+        def apply(p, s, x, *, training, axis=1):
+            return jaxnorm.local_response_norm(x, axis=axis, **ctor), s
+
+        return Built({}, {}, apply, True)
     raise KeyError(torch_cls)
 
 

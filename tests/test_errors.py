@@ -33,7 +33,7 @@ def bn(**kw):
         (dict(x=jnp.ones((1, 3))), ValueError, r"expected more than 1 value per channel when training.*\(1, 3\)"),
         (dict(training=jnp.array(True)), TypeError, r"`training` must be a Python bool.*static_argnames"),
         (dict(training="yes"), TypeError, r"`training` must be a Python bool"),
-        (dict(params={"scale": P["scale"]}), ValueError, r"`params` has keys \['scale'\] but this layer expects"),
+        (dict(params={"weight": P["scale"]}), ValueError, r"`params` has keys \['weight'\] but this layer expects"),
         (dict(batch_stats={"mean": S["mean"], "count": S["count"]}), ValueError,
          (r"`batch_stats` has keys \['count', 'mean'\] but this layer expects \['count', 'mean', 'var'\]"
          r".*batch_norm_init\(3")),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxnorm
 from jaxnorm import linen as jl
 from jaxnorm import nnx as jn
 
@@ -277,3 +278,26 @@ def test_nnx_group_norm_with_partial_reduction_axes_matches_flax_linen():
     ref = ref_mod.apply(ref_mod.init(jax.random.key(0), x), x, mask=mask)
     ours = jn.GroupNorm(6, num_groups=3, reduction_axes=(1, 3))(x, mask=mask)
     np.testing.assert_allclose(ours, ref, **TOL)
+
+
+def test_local_response_norm_wrappers_match_the_functional_core_and_pytorchs_layout():
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 4, 6)), jnp.float32)  # NHWC
+    ref = jnp.moveaxis(jaxnorm.local_response_norm(jnp.moveaxis(x, -1, 1), size=3, alpha=0.2, k=2.0), 1, -1)
+    assert jl.LocalResponseNorm(3, alpha=0.2, k=2.0).init(jax.random.key(0), x) == {}
+    np.testing.assert_allclose(jl.LocalResponseNorm(3, alpha=0.2, k=2.0).apply({}, x), ref, rtol=1e-6)
+    np.testing.assert_allclose(jn.LocalResponseNorm(3, alpha=0.2, k=2.0)(x), ref, rtol=1e-6)
+    # forward and reverse mode through it
+    f = lambda x: jnp.sum(jaxnorm.local_response_norm(x, size=3, alpha=0.2, axis=-1) ** 2)
+    t = jnp.ones_like(x)
+    np.testing.assert_allclose(jax.jvp(f, (x,), (t,))[1], jnp.sum(jax.grad(f)(x) * t), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(size=0), r"`size` \(channels in the window\) must be a positive int, got 0"),
+    (dict(size=3, k=0.0), r"`k` must be a float > 0, got 0.0"),
+    (dict(size=3, beta=-1.0), r"`beta` must be a float >= 0, got -1.0"),
+    (dict(size=3, axis=4), r"`axis`=4 is out of range"),
+])
+def test_local_response_norm_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jaxnorm.local_response_norm(jnp.ones((2, 3, 4)), **kwargs)

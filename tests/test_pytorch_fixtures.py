@@ -16,6 +16,9 @@ from tests.tolerances import tol
 
 FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures" / "torch"
 FIXTURES = sorted(FIXTURE_DIR.glob("*.npz"))
+# weight reparametrizations (spectral/weight norm) follow their own protocol: tests/test_weight_norms.py
+REPARAMETRIZED = ("spectral_norm", "weight_norm")
+LAYER_FIXTURES = [p for p in FIXTURES if not p.name.startswith(REPARAMETRIZED)]
 # max |jaxnorm - torch| per (torch class, dtype), printed at the end of the run (see conftest.py)
 MAX_ERRORS: dict[tuple[str, str], float] = collections.defaultdict(float)
 
@@ -96,18 +99,18 @@ def test_fixture_inventory():
     configs = [load(p)[0] for p in FIXTURES]
     families = {(c["torch"], c["dtype"]) for c in configs}
     for cls in ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-                "LayerNorm", "GroupNorm", "RMSNorm"]:
+                "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", *REPARAMETRIZED]:
         assert (cls, "float32") in families and (cls, "float64") in families, cls
     assert {c["torch_version"].split("+")[0] for c in configs} == {"2.13.0"}
 
 
-@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", LAYER_FIXTURES, ids=lambda p: p.stem)
 def test_matches_pytorch(path):
     cfg, a = load(path)
     check(cfg, a, simulate(cfg, a))
 
 
-CHANNEL_FIXTURES = [p for p in FIXTURES if p.name.startswith(("BatchNorm", "InstanceNorm", "GroupNorm"))
+CHANNEL_FIXTURES = [p for p in LAYER_FIXTURES if p.name.startswith(("BatchNorm", "InstanceNorm", "GroupNorm", "Local"))
                     and "float64" in p.name and "__16x" in p.name]
 
 
