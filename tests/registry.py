@@ -146,6 +146,11 @@ def _no_stats(fn):
 
 
 _MASK = jnp.asarray([True, False, True, True]).reshape(4, 1, 1)
+_SPATIAL_MASK = jnp.asarray([True, False, True]).reshape(1, 1, 3, 1)
+_CHANNEL_MASK = jnp.asarray([True, False, True]).reshape(1, 3, 1)
+_LAST_MASK = jnp.asarray([True, True, False, True, False]).reshape(1, 1, 5)
+_GROUP_MASK = jnp.asarray([[True, False, True], [False, True, True], [True, True, False], [True, False, False]]
+                          ).reshape(1, 4, 3)
 
 
 def _axis_name_bn(x, p, s):  # per-example calls under vmap, statistics over the mapped axis (SyncBatchNorm)
@@ -237,6 +242,19 @@ def _modes():
         _channel_mode("group_norm/channels_last", (2, 3, 2, 4), 4,
                       _no_stats(lambda p, x: jaxnorm.group_norm(p, x, num_groups=2, axis=-1)),
                       _no_stats(lambda p, x: tb.group_norm(p, x, num_groups=2, axis=-1)), stats=False),
+        _channel_mode("instance_norm/train/mask", (2, 2, 3, 2), 2,
+                      lambda x, p, s: jaxnorm.instance_norm(p, s, x, training=True, mask=_SPATIAL_MASK),
+                      lambda x, p, s: tb.instance_norm(p, s, x, training=True, mask=_SPATIAL_MASK)),
+        _channel_mode("layer_norm/channels_first/mask", (2, 3, 4), 3,
+                      _no_stats(lambda p, x: jaxnorm.layer_norm(p, x, reduction_axes=1, mask=_CHANNEL_MASK)),
+                      _no_stats(lambda p, x: tb.layer_norm(p, x, channel_axis=1, mask=_CHANNEL_MASK)), stats=False),
+        _trailing_mode("rms_norm/mask", (3, 2, 5), (5,),
+                       _no_stats(lambda p, x: jaxnorm.rms_norm(p, x, normalized_shape=(5,), eps=1e-5, mask=_LAST_MASK)),
+                       _no_stats(lambda p, x: tb.rms_norm(p, x, normalized_shape=(5,), eps=1e-5, mask=_LAST_MASK)),
+                       bias=False),
+        _channel_mode("group_norm/mask", (2, 4, 3), 4,
+                      _no_stats(lambda p, x: jaxnorm.group_norm(p, x, num_groups=2, mask=_GROUP_MASK)),
+                      _no_stats(lambda p, x: tb.group_norm(p, x, num_groups=2, mask=_GROUP_MASK)), stats=False),
         _channel_mode("batch_renorm/train", (4, 2, 3), 2,
                       lambda x, p, s: jaxnorm.batch_renorm(p, s, x, training=True, r_max=1.2, d_max=0.3),
                       lambda x, p, s: tb.batch_renorm(p, s, x, training=True, r_max=1.2, d_max=0.3, momentum=0.01)),

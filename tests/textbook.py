@@ -74,17 +74,19 @@ def ghost_batch_norm(params, stats, x, *, virtual_batch_size, axis=1, momentum=0
     return _affine(y, params, axis), running_update(stats, m, v, per[0][2], momentum)
 
 
-def instance_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5):
+def instance_norm(params, stats, x, *, training, axis=1, momentum=0.1, eps=1e-5, mask=None):
     spatial = tuple(i for i in range(1, x.ndim) if i != axis % x.ndim)
     if training or not stats:
-        m, v, n = moments(x, spatial)
+        m, v, n = moments(x, spatial, mask)
     else:
         m, v = (_channel(stats[k], x.ndim, axis) for k in ("mean", "var"))
     y = _affine((x - m) / jnp.sqrt(v + eps), params, axis)
     if training and stats and momentum is not None:
         per_channel = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
-        stats = running_update(stats, jnp.mean(m, per_channel), jnp.mean(v, per_channel), n, momentum,
-                               count_batches=False)
+        vu = v * (n / (n - 1))  # each instance's own unbiased variance, averaged over the batch
+        f = momentum
+        stats = {"mean": (1 - f) * stats["mean"] + f * jnp.mean(m, per_channel),
+                 "var": (1 - f) * stats["var"] + f * jnp.mean(vu, per_channel), "count": stats["count"]}
     return y, stats
 
 
@@ -96,22 +98,29 @@ def _trailing_affine(y, params):
     return y
 
 
-def layer_norm(params, x, *, normalized_shape, eps=1e-5):
+def layer_norm(params, x, *, normalized_shape=None, eps=1e-5, channel_axis=None, mask=None):
+    """Over the trailing ``normalized_shape`` dims, or over one ``channel_axis`` with per-channel params."""
+    if channel_axis is not None:
+        m, v, _ = moments(x, (channel_axis,), mask)
+        return _affine((x - m) / jnp.sqrt(v + eps), params, channel_axis)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    m, v, _ = moments(x, axes)
+    m, v, _ = moments(x, axes, mask)
     return _trailing_affine((x - m) / jnp.sqrt(v + eps), params)
 
 
-def rms_norm(params, x, *, normalized_shape, eps):
+def rms_norm(params, x, *, normalized_shape, eps, mask=None):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    return _trailing_affine(x / jnp.sqrt(jnp.mean(jnp.square(x), axes, keepdims=True) + eps), params)
+    w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+    ms = jnp.sum(w * jnp.square(x), axes, keepdims=True) / jnp.sum(w, axes, keepdims=True)
+    return _trailing_affine(x / jnp.sqrt(ms + eps), params)
 
 
-def group_norm(params, x, *, num_groups, axis=1, eps=1e-5):
+def group_norm(params, x, *, num_groups, axis=1, eps=1e-5, mask=None):
     xc = jnp.moveaxis(x, axis, 1)
     shape = xc.shape
     xg = xc.reshape(shape[0], num_groups, -1)
-    m, v, _ = moments(xg, (2,))
+    mg = None if mask is None else jnp.moveaxis(jnp.broadcast_to(mask, x.shape), axis, 1).reshape(xg.shape)
+    m, v, _ = moments(xg, (2,), mg)
     y = jnp.moveaxis(((xg - m) / jnp.sqrt(v + eps)).reshape(shape), 1, axis)
     return _affine(y, params, axis)
 
