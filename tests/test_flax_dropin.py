@@ -301,3 +301,26 @@ def test_local_response_norm_wrappers_match_the_functional_core_and_pytorchs_lay
 def test_local_response_norm_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         jaxnorm.local_response_norm(jnp.ones((2, 3, 4)), **kwargs)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x: jaxnorm.layer_norm({}, x, normalized_shape=8, reduction_axes=-1), ValueError,
+     r"both `normalized_shape`=8 .*and `reduction_axes`=-1"),
+    (lambda x: jaxnorm.rms_norm({}, x), TypeError, r"give `normalized_shape`.*or `reduction_axes`"),
+    (lambda x: jaxnorm.layer_norm({}, x, normalized_shape=8, feature_axes=1), ValueError,
+     r"`feature_axes`=1 goes with `reduction_axes`"),
+    (lambda x: jaxnorm.layer_norm({}, x, reduction_axes=(1, 5)), ValueError, r"`reduction_axes`=5 is out of range"),
+    (lambda x: jaxnorm.layer_norm(jaxnorm.layer_norm_init(8), x, reduction_axes=1), ValueError,
+     r"`params\['(bias|scale)'\]` has shape \(8,\) but the input needs \(4,\)"),
+    (lambda x: jaxnorm.group_norm({}, x, num_groups=4, group_size=2, axis=-1), ValueError,
+     r"both `num_groups`=4 and `group_size`=2"),
+    (lambda x: jaxnorm.group_norm({}, x, group_size=3, axis=-1), ValueError,
+     r"`group_size`=3 must be a positive int that divides the number of channels 8; valid choices are \[1, 2, 4, 8\]"),
+    (lambda x: jaxnorm.rms_norm({}, x, normalized_shape=8, mask=jnp.ones((2, 4, 8))), TypeError,
+     r"`mask` must be a boolean array"),
+    (lambda x: jaxnorm.instance_norm({}, {}, x, training=True, axis=-1, mask=jnp.ones((2, 4, 8), bool)), ValueError,
+     r"`mask` must not vary along the channel axis 2"),
+])
+def test_functional_keyword_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(jnp.ones((2, 4, 8)))

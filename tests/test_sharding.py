@@ -230,3 +230,52 @@ def test_forward_mode_and_hessian_through_shard_map_equal_the_global_batch(mesh)
     x_small, w = x[:8, :, :1], w[:8, :, :1]  # one example per device, a Hessian of 16 x 16
     h = jax.jit(jax.hessian(loss(sharded)))(x_small)
     np.testing.assert_allclose(h, jax.hessian(loss(whole))(x_small), rtol=1e-4, atol=1e-4)
+
+
+SPLIT_CASES = {
+    # name: (x shape, axis split over the devices, function of (params, x, **named) -> y, params)
+    "layer_norm/features": ((4, 16), 1, lambda p, x, **kw: jaxnorm.layer_norm(p, x, reduction_axes=1, **kw)),
+    "rms_norm/features": ((4, 16), 1, lambda p, x, **kw: jaxnorm.rms_norm({}, x, reduction_axes=1, eps=1e-5, **kw)),
+    "group_norm/space": ((2, 16, 4), 1, lambda p, x, **kw: jaxnorm.group_norm(p, x, num_groups=2, axis=-1, **kw)),
+    "instance_norm/space": ((2, 16, 3), 1, lambda p, x, **kw: jaxnorm.instance_norm(
+        p, {}, x, training=True, axis=-1, **kw)[0]),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_axis_name_on_a_split_reduced_axis_equals_one_device(mesh, name, masked):
+    """Tensor/sequence parallelism: the reduced axis is split over 8 devices; with ``axis_name`` every layer's
+    statistics (and so outputs and gradients) equal one device's on the whole array, masked or not."""
+    shape, split, fn = SPLIT_CASES[name]
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    c = shape[-1]
+    params = {} if name.startswith(("layer", "rms")) else {"scale": jnp.asarray(1 + rng.random(c), jnp.float32),
+                                                           "bias": jnp.asarray(rng.random(c), jnp.float32)}
+    mshape = tuple(d if i == split else 1 for i, d in enumerate(shape))
+    mask = jnp.asarray(rng.random(mshape) < 0.7).at[(0,) * len(shape)].set(True) if masked else None
+    spec = P(*[("batch" if i == split else None) for i in range(len(shape))])
+
+    def loss(p, x, m, **kw):
+        y = fn(p, x, mask=m, **kw)
+        return jnp.sum(y * (w if not kw else w_local(kw))), y
+
+    def w_local(_):
+        return jax.lax.dynamic_slice_in_dim(w, jax.lax.axis_index("batch") * (shape[split] // N_DEV),
+                                            shape[split] // N_DEV, split)
+
+    (_, y_ref), g_ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, mask)
+
+    def local(p, x, m):
+        (_, y), (gp, gx) = jax.value_and_grad(lambda p, x: loss(p, x, m, axis_name="batch"), (0, 1),
+                                              has_aux=True)(p, x)
+        return y, gp, gx
+
+    m_spec = spec if masked else P()
+    y, gp, gx = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, m_spec),
+                                      out_specs=(spec, P(), spec)))(params, x, mask)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, g_ref[1], rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gp, g_ref[0])
