@@ -234,3 +234,32 @@ def test_layer_norm_matches_float64_reference(case):
 @given(trailing_case())
 def test_rms_norm_matches_float64_reference(case):
     _trailing_property(case, rms=True)
+
+
+@st.composite
+def masked_case(draw):
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.integers(1, 4)) for _ in range(rank))
+    red = tuple(sorted(draw(st.sets(st.integers(0, rank - 1), min_size=1))))
+    mshape = tuple(d if draw(st.booleans()) else 1 for d in shape)
+    return dict(shape=shape, red=red, mshape=mshape, rms=draw(st.booleans()),
+                eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), dtype=draw(st.sampled_from(["float32", "float64"])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@given(masked_case())
+def test_masked_layer_and_rms_norm_over_any_axes_match_float64_reference(case):
+    """Statistics over the True positions of ``mask`` only (each pooled set keeps at least one), any axes."""
+    rng = np.random.default_rng(case["seed"])
+    x = rng.normal(size=case["shape"]) * rng.uniform(0.5, 3) + rng.uniform(-3, 3)
+    mask = rng.random(case["mshape"]) < 0.6
+    mask[tuple(0 if a in case["red"] else slice(None) for a in range(len(case["shape"])))] = True
+    red, w = case["red"], np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = w.sum(red, keepdims=True)
+    mean = 0.0 if case["rms"] else (w * x).sum(red, keepdims=True) / n
+    var = (w * (x - mean) ** 2).sum(red, keepdims=True) / n
+    want = (x - mean) / np.sqrt(var + case["eps"])
+    fn = jaxnorm.rms_norm if case["rms"] else jaxnorm.layer_norm
+    got = fn({}, jnp.asarray(x, case["dtype"]), reduction_axes=red, mask=jnp.asarray(mask), eps=case["eps"])
+    kappa = float(np.max(np.abs(x) / np.sqrt(var + case["eps"])))
+    _check(case, got, want, kappa=max(1.0, kappa))
