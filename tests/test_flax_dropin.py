@@ -324,3 +324,18 @@ def test_local_response_norm_errors(kwargs, match):
 def test_functional_keyword_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call(jnp.ones((2, 4, 8)))
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_variable_dtypes_follow_flax_for_param_dtype_and_force_float32_reductions(force):
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(4, 6)), jnp.bfloat16)
+    kw = dict(param_dtype=jnp.bfloat16, force_float32_reductions=force)
+    fv = nn.BatchNorm(momentum=0.9, use_running_average=False, **kw).init(jax.random.key(0), x)
+    ov = jl.BatchNorm(flax_momentum=0.9, use_running_average=False, **kw).init(jax.random.key(0), x)
+    assert jax.tree.map(lambda v: v.dtype, ov) == jax.tree.map(lambda v: v.dtype, fv)
+    fy, fu = nn.BatchNorm(momentum=0.9, use_running_average=False, use_fast_variance=False, **kw).apply(
+        fv, x, mutable=["batch_stats"])
+    oy, ou = jl.BatchNorm(flax_momentum=0.9, use_running_average=False, **kw).apply(ov, x, mutable=["batch_stats"])
+    assert jax.tree.map(lambda v: v.dtype, ou) == jax.tree.map(lambda v: v.dtype, fu)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                         rtol=2e-2, atol=2e-2), ou, fu)
