@@ -63,6 +63,11 @@ def resolve_affine(
     return (True if use_scale is None else bool(use_scale)), (True if use_bias is None else bool(use_bias))
 
 
+def feature_axes(ndim: int, axes: Any) -> tuple[int, ...]:
+    """Flax's canonical axes: an int or a sequence of ints -> sorted, distinct, non-negative."""
+    return tuple(sorted({a % ndim for a in ((axes,) if isinstance(axes, int) else axes)}))
+
+
 def running_dtype(param_dtype: Any, force_float32_reductions: bool) -> Any:
     """dtype of the running statistics: at least float32, or ``param_dtype`` as Flax stores them when
     ``force_float32_reductions=False``."""

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import jaxnorm
 from jaxnorm._conventions import (
     compute_dtype,
+    feature_axes,
     output_dtype,
     resolve_affine,
     resolve_momentum,
@@ -68,8 +69,7 @@ class _Flax(nn.Module):
 
 
 def _features(x: Array, axes: Axes) -> tuple[int, ...]:
-    axes = (axes,) if isinstance(axes, int) else axes
-    return tuple(x.shape[a] for a in sorted({a % x.ndim for a in axes}))
+    return tuple(x.shape[a] for a in feature_axes(x.ndim, axes))
 
 
 class _ChannelNorm(_Flax):
@@ -343,7 +343,7 @@ class WeightNorm(nn.Module):
                 return value
             scale = None
             if self.use_scale:
-                feats = () if self.feature_axes is None else _features_of(value.ndim, self.feature_axes)
+                feats = () if self.feature_axes is None else feature_axes(value.ndim, self.feature_axes)
                 shape = tuple(value.shape[a] for a in feats)
                 scale = self.param(name + "/scale", self.scale_init, shape, self.param_dtype)
             w = jaxnorm.weight_norm(value, scale, feature_axes=self.feature_axes, eps=self.epsilon)
@@ -355,9 +355,6 @@ class WeightNorm(nn.Module):
             init=self.is_initializing(),
         )(self.layer_instance)
 
-
-def _features_of(ndim: int, axes: Axes) -> tuple[int, ...]:
-    return tuple(sorted({a % ndim for a in ((axes,) if isinstance(axes, int) else axes)}))
 
 
 __all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",

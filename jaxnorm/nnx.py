@@ -26,6 +26,7 @@ from jaxnorm._conventions import (
     resolve_training,
     running_dtype,
 )
+from jaxnorm._conventions import feature_axes as canonical_feature_axes
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -366,9 +367,7 @@ class WeightNorm(_Reparametrized):
             scales = {}
             for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
                 if self.variable_filter(path, param):
-                    feats = () if feature_axes is None else tuple(
-                        sorted({a % param.ndim for a in ((feature_axes,) if isinstance(feature_axes, int)
-                                                         else feature_axes)}))
+                    feats = () if feature_axes is None else canonical_feature_axes(param.ndim, feature_axes)
                     scales[path] = scale_init(rngs["params"], tuple(param.shape[a] for a in feats), param_dtype)
         self.scales = nnx.data(scales)
 
