@@ -202,8 +202,7 @@ def moments(
 
     Computed in ``stats_dtype(x.dtype)``, exact to a few eps whatever the data's offset (see below). With ``mask``
     only the True positions count. With ``axis_name`` the per-device (count, mean, M2) triples are combined exactly
-    (Chan et al.) after ONE collective (a ``psum`` that gathers them) for all statistics together, so uneven
-    per-device counts are weighted correctly. ``groups=(axis, G)`` also pools the channels on ``axis`` in ``G``
+    (Chan et al., see ``_combine_moments``), so uneven per-device counts are weighted correctly. ``groups=(axis, G)`` also pools the channels on ``axis`` in ``G``
     contiguous groups (group norm); the statistics come back per channel (each channel gets its group's). Returns
     ``(mean, var, count)``; ``count`` broadcasts against ``mean`` and is float.
     """
@@ -226,15 +225,48 @@ def moments(
         d = jnp.where(maskb, xf - shift, 0)
         mean, m2 = _shifted_sums(red, d, d, shift, safe)
     if axis_name is not None:
-        count = jnp.broadcast_to(count, mean.shape)
-        # one collective for all statistics (device_slots); Chan et al.'s exact combination of the triples
-        counts, means, m2s = device_slots(jnp.stack([count, mean, m2]), axis_name, axis_index_groups)
-        count = jnp.sum(counts, 0, keepdims=True)
-        mean = jnp.sum(counts * means, 0, keepdims=True) / jnp.maximum(count, 1)
-        m2 = jnp.sum(m2s + counts * jnp.square(means - mean), 0, keepdims=True)
-        count, mean, m2 = count[0], mean[0], m2[0]
+        count, mean, m2 = _combine_moments(count, mean, m2, axis_name, axis_index_groups)
     var = m2 / jnp.maximum(count, 1)
     return mean, jnp.maximum(var, 0), count
+
+
+SLOTS_MAX_DEVICES = 64  # up to this many devices on the axis the triples are gathered in one collective
+
+
+def _combine_moments(count: Array, mean: Array, m2: Array, axis_name: Any, groups: Any):
+    """Chan et al.'s exact combination of every device's (count, mean, M2): ``M2 = sum(M2_i + n_i (mean_i - mean)^2)``.
+
+    Up to ``SLOTS_MAX_DEVICES`` devices (real devices): ONE collective gathers all triples (``device_slots``), whose
+    payload grows as devices^2 but stays tiny. Beyond that (a ``jax.vmap`` over examples with ``axis_name``, as
+    Equinox users write batch norm: thousands of "devices"), the gather would be quadratic, so two psums of
+    per-device size do it in linear time: ``(n_i, n_i mean_i)`` gives the global mean, then the M2 terms about it.
+    Both give the same exact formula.
+    """
+    count = jnp.broadcast_to(count, mean.shape)
+    if jax.lax.axis_size(axis_name) <= SLOTS_MAX_DEVICES:
+        counts, means, m2s = device_slots(jnp.stack([count, mean, m2]), axis_name, groups)
+        total = jnp.sum(counts, 0, keepdims=True)
+        mean_all = jnp.sum(counts * means, 0, keepdims=True) / jnp.maximum(total, 1)
+        return total[0], mean_all[0], jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
+    total, weighted = group_psum(jnp.stack([count, count * mean]), axis_name, groups)
+    mean_all = weighted / jnp.maximum(total, 1)
+    return total, mean_all, group_psum(m2 + count * jnp.square(mean - mean_all), axis_name, groups)
+
+
+def group_psum(v: Array, axis_name: Any, groups: Any) -> Array:
+    """``psum`` of ``v`` over the devices of this device's ``axis_index_groups`` group (all when None), in linear
+    time and under vmap, shard_map and jit alike: each device writes ``v`` into its group's slot (``G`` slots, one
+    psum) and reads its group's sum back."""
+    if groups is None:
+        return jax.lax.psum(v, axis_name)
+    size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    _group_membership(groups, size)  # validates the partition
+    group_of = np.zeros(size, np.int32)
+    for g, members in enumerate(groups):
+        group_of[list(members)] = g
+    mine = jnp.asarray(group_of)[index]
+    hot = jax.nn.one_hot(mine, len(groups), dtype=v.dtype).reshape((len(groups),) + (1,) * v.ndim)
+    return jax.lax.psum(hot * v[None], axis_name)[mine]
 
 
 def device_slots(mine: Array, axis_name: Any, axis_index_groups: Any) -> Array:
@@ -243,7 +275,8 @@ def device_slots(mine: Array, axis_name: Any, axis_index_groups: Any) -> Array:
     Each device writes its array into its own slot and a ``psum`` gathers them (unlike ``all_gather``, psum's
     result is known to be replicated, so shard_map's checks pass). With ``axis_index_groups`` the slots of devices
     outside this device's group are zeroed afterwards (a static membership table), which works under shard_map,
-    vmap and jit alike. Returns ``(devices, *mine.shape)``.
+    vmap and jit alike. Returns ``(devices, *mine.shape)``; the payload is devices x ``mine``, so callers use it
+    for real device counts only (see ``_combine_moments``).
     """
     size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     lift = lambda v: v.reshape(v.shape + (1,) * mine.ndim)
@@ -426,7 +459,7 @@ def mean_square(
         total, count = jnp.sum(jnp.where(maskb, sq, 0), axes, keepdims=True), sum_over(maskb.astype(xf.dtype), axes)
     if axis_name is not None:
         count = jnp.broadcast_to(count, total.shape)
-        total, count = jnp.sum(device_slots(jnp.stack([total, count]), axis_name, axis_index_groups), 1)
+        total, count = group_psum(jnp.stack([total, count]), axis_name, axis_index_groups)
     return total / jnp.maximum(count, 1)
 
 

@@ -279,3 +279,59 @@ def test_axis_name_on_a_split_reduced_axis_equals_one_device(mesh, name, masked)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx, g_ref[1], rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gp, g_ref[0])
+
+
+@pytest.fixture(params=["gather", "psums"])
+def combine(request, monkeypatch):
+    """Both ways of combining per-device statistics: the one-collective gather (few devices) and the two
+    linear-size psums (many devices, e.g. a vmap over examples); forced here on the same 8 devices."""
+    if request.param == "psums":
+        monkeypatch.setattr(jaxnorm._core, "SLOTS_MAX_DEVICES", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_both_combines_equal_one_device_with_uneven_masks_and_groups(mesh, combine, grouped):
+    params, stats, x, w = _data((32, 3, 5), seed=3)
+    rng = np.random.default_rng(3)
+    mask = jnp.asarray(rng.random((32, 1, 1)) < 0.6).at[0].set(True).at[16].set(True)
+    groups = [[0, 2, 4, 6], [1, 3, 5, 7]] if grouped else None
+
+    def local(p, x, m, w):
+        def loss(p, x):
+            y, s = jaxnorm.batch_norm(p, stats, x, training=True, mask=m, axis_name="batch", axis_index_groups=groups)
+            return jnp.sum(jnp.where(m, y * w, 0)), (y, s)  # the masked-out rows are padding: no loss
+        (_, (y, s)), (gp, gx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, x)
+        ms = jaxnorm.rms_norm({}, x, reduction_axes=(0, 2), eps=1e-5, mask=m, axis_name="batch",
+                              axis_index_groups=groups)
+        per_device = jax.tree.map(lambda t: t[None], s)  # the groups' running stats differ: one row per device
+        return y, per_device, gx, ms
+
+    spec = P("batch")
+    y, s, gx, ms = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, spec, spec),
+                                         out_specs=(spec, spec, spec, spec)))(params, x, mask, w)
+    members = [np.concatenate([np.arange(4 * d, 4 * d + 4) for d in g]) for g in (groups or [range(8)])]
+    for rows in members:
+        keep = rows[np.asarray(mask[rows, 0, 0])]
+        y_ref, s_ref, (_, gx_ref) = _global(params, stats, x[keep], w[keep])
+        np.testing.assert_allclose(y[keep], y_ref, atol=3e-6)
+        np.testing.assert_allclose(gx[keep], gx_ref, atol=3e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[rows[0] // 4], b, rtol=2e-6, atol=1e-6), s, s_ref)
+        ms_ref = x[keep] / jnp.sqrt(jnp.mean(jnp.square(x[keep]), (0, 2), keepdims=True) + 1e-5)
+        np.testing.assert_allclose(ms[keep], ms_ref, rtol=2e-6, atol=2e-6)
+
+
+def test_vmap_over_many_examples_is_linear_not_quadratic():
+    """Equinox-style batch norm (a vmap over thousands of examples with axis_name) combines the statistics with
+    linear-size psums: no intermediate in the program grows as examples^2, and the result equals the batch."""
+    n = 2000
+    params, stats, x, _ = _data((n, 3, 2), seed=4)
+    f = jax.vmap(lambda xi: jaxnorm.batch_norm(params, stats, xi, training=True, axis=0, axis_name="i"),
+                 axis_name="i")
+    jaxpr = jax.make_jaxpr(f)(x)
+    sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")]
+    assert max(sizes) < n * n // 10, max(sizes)
+    y, s = jax.jit(f)(x)
+    y_ref, s_ref = jaxnorm.batch_norm(params, stats, x, training=True)
+    np.testing.assert_allclose(y, y_ref, atol=3e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-6, atol=1e-6), s, s_ref)
