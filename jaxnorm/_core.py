@@ -202,8 +202,9 @@ def moments(
 
     Computed in ``stats_dtype(x.dtype)``, exact to a few eps whatever the data's offset (see below). With ``mask``
     only the True positions count. With ``axis_name`` the per-device (count, mean, M2) triples are combined exactly
-    (Chan et al., see ``_combine_moments``), so uneven per-device counts are weighted correctly. ``groups=(axis, G)`` also pools the channels on ``axis`` in ``G``
-    contiguous groups (group norm); the statistics come back per channel (each channel gets its group's). Returns
+    (Chan et al., see ``_combine_moments``), so uneven per-device counts are weighted correctly.
+    ``groups=(axis, G)`` also pools the channels on ``axis`` in ``G`` contiguous groups (group norm); the
+    statistics come back per channel (each channel gets its group's). Returns
     ``(mean, var, count)``; ``count`` broadcasts against ``mean`` and is float.
     """
     axes = tuple(reduction_axes)
@@ -524,11 +525,12 @@ def normalize_rms(
     eps: float,
     scale: Array | None = None,
     *,
+    bias: Array | None = None,
     mask: Array | None = None,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
-    """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``.
+    """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale (+ bias)`` over ``reduction_axes``.
 
     Differentiated by the same closed-form tangent map as the centred layers (``_normalize_tangents`` with no
     mean): reverse mode saves x and 1/rms only (differentiating the forward instead made XLA:CPU write four
@@ -536,9 +538,9 @@ def normalize_rms(
     ``axis_name`` the statistic is ``mean_square``'s and JAX differentiates it.
     """
     if mask is None and axis_name is None:
-        return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, None)[0]
+        return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, bias)[0]
     ms = mean_square(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    return normalize(x, None, ms, eps, scale)
+    return normalize(x, None, ms, eps, scale, bias)
 
 
 def _fused_statistics(x: Array, axes: tuple[int, ...], groups: tuple[int, int] | None, centre: bool):

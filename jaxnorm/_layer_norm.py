@@ -5,7 +5,7 @@ params over ``feature_axes``, like Flax. State::
 
     layer_norm params = {"scale": normalized_shape, "bias": normalized_shape}
                         # {"scale": ...} when bias=False, {} when elementwise_affine=False
-    rms_norm params   = {"scale": normalized_shape}   # {} when elementwise_affine=False
+    rms_norm params   = {"scale": normalized_shape}   # {} when elementwise_affine=False; {"scale", "bias"} too
 """
 
 from __future__ import annotations
@@ -144,12 +144,13 @@ def rms_norm(
 ) -> Array:
     """``x * rsqrt(mean(x**2) + eps) * scale`` over some axes; ``eps=None`` is ``finfo(x.dtype).eps``.
 
-    Axes, ``mask`` and ``axis_name`` as in ``layer_norm``.
+    Axes, ``mask`` and ``axis_name`` as in ``layer_norm``. ``params`` may add a ``bias`` to the scale (as
+    equinox.nn.RMSNorm's ``use_bias``; PyTorch's and Flax's RMSNorm have none).
     """
     layer = "rms_norm"
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
-                                    [[], ["scale"]])
+                                    [[], ["scale"], ["bias"], ["bias", "scale"]])
     eps = float(jnp.finfo(x.dtype).eps) if eps is None else _core.check_eps(eps, layer)
-    scale = None if params.get("scale") is None else params["scale"].reshape(bshape)
-    return _core.normalize_rms(x, axes, eps, scale, mask=mask, axis_name=axis_name,
+    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
+    return _core.normalize_rms(x, axes, eps, scale, bias=bias, mask=mask, axis_name=axis_name,
                                axis_index_groups=axis_index_groups)

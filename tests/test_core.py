@@ -320,3 +320,22 @@ def test_per_position_mask_for_padded_sequences():
     np.testing.assert_allclose(y[0], (x[0] - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), atol=1e-12)
     np.testing.assert_allclose(s["mean"], 0.1 * mean, atol=1e-12)
     np.testing.assert_allclose(s["var"], 0.9 + 0.1 * real.var(1, ddof=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("keys", [("bias",), ("scale", "bias")])
+def test_rms_norm_with_a_bias_matches_the_formula_in_every_autodiff_mode(keys):
+    """rms_norm's optional bias (equinox.nn.RMSNorm's use_bias): output, reverse- and forward-mode derivatives
+    equal the formula x / sqrt(mean(x^2) + eps) * scale + bias differentiated by JAX."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(3, 4, 5)) + 1.5, jnp.float64)
+    params = {k: jnp.asarray(rng.normal(size=(5,)), jnp.float64) for k in keys}
+
+    def ref(p, x):
+        y = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6)
+        return y * p.get("scale", jnp.ones(5)).reshape(1, 1, 5) + p["bias"].reshape(1, 1, 5)
+
+    ours = lambda p, x: jaxnorm.rms_norm(p, x, normalized_shape=5, eps=1e-6)
+    np.testing.assert_allclose(ours(params, x), ref(params, x), rtol=1e-12, atol=1e-12)
+    for jac in (jax.jacrev, jax.jacfwd):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                     jac(ours, (0, 1))(params, x), jac(ref, (0, 1))(params, x))

@@ -316,7 +316,8 @@ def test_both_combines_equal_one_device_with_uneven_masks_and_groups(mesh, combi
         y_ref, s_ref, (_, gx_ref) = _global(params, stats, x[keep], w[keep])
         np.testing.assert_allclose(y[keep], y_ref, atol=3e-6)
         np.testing.assert_allclose(gx[keep], gx_ref, atol=3e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[rows[0] // 4], b, rtol=2e-6, atol=1e-6), s, s_ref)
+        device = rows[0] // 4
+        jax.tree.map(lambda a, b, d=device: np.testing.assert_allclose(a[d], b, rtol=2e-6, atol=1e-6), s, s_ref)
         ms_ref = x[keep] / jnp.sqrt(jnp.mean(jnp.square(x[keep]), (0, 2), keepdims=True) + 1e-5)
         np.testing.assert_allclose(ms[keep], ms_ref, rtol=2e-6, atol=2e-6)
 
