@@ -1,0 +1,228 @@
+"""Equinox modules on the functional core: ``eqx.Module``s with running statistics in ``eqx.nn.State``.
+
+Needs the optional extra (``pip install "jaxnorm[equinox]"``, equinox >= 0.13). As in ``equinox.nn`` each module
+takes ONE example, channels first (``(C, *spatial)``), and batch statistics come from a ``jax.vmap`` with an
+``axis_name``::
+
+    bn, state = eqx.nn.make_with_state(jaxnorm.equinox.BatchNorm)(64, axis_name="batch")
+    y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+PyTorch's semantics by default: batch statistics in training (``inference=False``), running variance starting at 1
+and updated with the unbiased batch variance, ``count`` = ``num_batches_tracked``. Inference uses the running
+statistics: set ``inference=True`` on the module, pass ``inference=`` to the call, or use
+``eqx.nn.inference_mode(model)`` (this is equinox's ``mode="batch"``; other modes are refused). Momentum is
+explicit, as in the Flax wrappers: ``torch_momentum`` (weight of the new batch, default 0.1) or ``flax_momentum``
+(decay of the old average, equinox's own ``momentum=0.99`` convention); a plain ``momentum`` is a TypeError that
+says which to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+try:
+    import equinox as eqx
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "jaxnorm.equinox needs equinox: pip install \"jaxnorm[equinox]\" (equinox >= 0.13)."
+    ) from err
+import jax
+import jax.numpy as jnp
+
+import jaxnorm
+from jaxnorm._conventions import resolve_momentum
+
+Array = jax.Array
+_NO_STATE = object()
+_UNSET = object()
+
+
+def _no_plain_momentum(momentum: Any, layer: str) -> None:
+    if momentum is not _UNSET:
+        raise TypeError(
+            f"{layer}: `momentum`={momentum!r} is ambiguous (equinox.nn and Flax mean the decay of the old average, "
+            f"PyTorch the weight of the new batch). Give `flax_momentum`={momentum!r} for equinox's meaning or "
+            f"`torch_momentum`= for PyTorch's (default 0.1)."
+        )
+
+
+def _dtype(dtype: Any) -> Any:
+    return jnp.result_type(float) if dtype is None else dtype  # equinox: float64 when x64 is enabled
+
+
+def _params(module: Any) -> dict[str, Array]:
+    return {k: v for k, v in (("scale", module.weight), ("bias", module.bias)) if v is not None}
+
+
+def _with_state(y: Array, state: Any) -> Any:
+    return y if state is _NO_STATE else (y, state)
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    """torch.nn.BatchNorm{1,2,3}d for Equinox, with equinox.nn.BatchNorm's keywords (``input_size``,
+    ``axis_name``, ``eps``, ``channelwise_affine``, ``inference``, ``dtype``). Input: one example ``(C, ...)``
+    under ``jax.vmap(..., axis_name=axis_name)``."""
+
+    weight: Array | None
+    bias: Array | None
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    running_var_unbiased: bool = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+
+    def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
+                 channelwise_affine: bool = True, *, torch_momentum: float | None = 0.1,
+                 flax_momentum: float | None = None, inference: bool = False, dtype: Any = None,
+                 momentum: Any = _UNSET, mode: str | None = None):
+        _no_plain_momentum(momentum, "BatchNorm")
+        if mode not in (None, "batch"):
+            raise ValueError(
+                f"BatchNorm: `mode`={mode!r} is not supported: jaxnorm's BatchNorm always normalizes a training "
+                "batch with its own statistics and inference with the running ones (equinox's mode='batch', "
+                "PyTorch's semantics). Drop `mode` or pass mode='batch'."
+            )
+        params, stats = jaxnorm.batch_norm_init(input_size, affine=channelwise_affine, dtype=_dtype(dtype))
+        self.weight, self.bias = params.get("scale"), params.get("bias")
+        self.state_index = eqx.nn.StateIndex(stats)
+        self.inference = inference
+        self.axis_name = axis_name
+        self.eps = eps
+        self.momentum = resolve_momentum(torch_momentum, flax_momentum, "BatchNorm")
+        self.running_var_unbiased = flax_momentum is None
+        self.input_size, self.channelwise_affine = input_size, channelwise_affine
+
+    def __call__(self, x: Array, state: eqx.nn.State, *, key: Any = None,
+                 inference: bool | None = None) -> tuple[Array, eqx.nn.State]:
+        inference = self.inference if inference is None else inference
+        training = not bool(inference)
+        y, new = jaxnorm.batch_norm(_params(self), state.get(self.state_index), x[None], training=training,
+                                    axis=1, momentum=self.momentum, eps=self.eps,
+                                    axis_name=self.axis_name if training else None,
+                                    running_var_unbiased=self.running_var_unbiased)
+        return y[0], (state.set(self.state_index, new) if training else state)
+
+
+class InstanceNorm(eqx.nn.StatefulLayer):
+    """torch.nn.InstanceNorm{1,2,3}d for Equinox (equinox has none): one example ``(C, *spatial)``, each channel
+    normalized over its spatial positions. PyTorch's defaults (no affine, no running statistics);
+    ``track_running_stats=True`` needs the ``axis_name`` of the batch ``vmap`` (the running statistics are the
+    batch average of the per-instance ones, as PyTorch's)."""
+
+    weight: Array | None
+    bias: Array | None
+    state_index: eqx.nn.StateIndex | None
+    inference: bool
+    axis_name: Hashable | Sequence[Hashable] | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+
+    def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable] | None = None, eps: float = 1e-5,
+                 channelwise_affine: bool = False, *, track_running_stats: bool = False,
+                 torch_momentum: float | None = 0.1, flax_momentum: float | None = None, inference: bool = False,
+                 dtype: Any = None, momentum: Any = _UNSET):
+        _no_plain_momentum(momentum, "InstanceNorm")
+        if track_running_stats and axis_name is None:
+            raise ValueError(
+                "InstanceNorm: `track_running_stats=True` averages the per-instance statistics over the batch, so "
+                "it needs the `axis_name` of the batch vmap, e.g. InstanceNorm(C, axis_name='batch', ...).")
+        params, stats = jaxnorm.instance_norm_init(input_size, affine=channelwise_affine,
+                                                   track_running_stats=track_running_stats, dtype=_dtype(dtype))
+        self.weight, self.bias = params.get("scale"), params.get("bias")
+        self.state_index = eqx.nn.StateIndex(stats) if stats else None
+        self.inference, self.axis_name, self.eps, self.input_size = inference, axis_name, eps, input_size
+        self.momentum = resolve_momentum(torch_momentum, flax_momentum, "InstanceNorm")
+
+    def is_stateful(self) -> bool:
+        return self.state_index is not None
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None, inference: bool | None = None):
+        training = not bool(self.inference if inference is None else inference)
+        stats = state.get(self.state_index) if self.state_index is not None and state is not _NO_STATE else {}
+        y, new = jaxnorm.instance_norm(_params(self), stats, x[None], training=training, axis=1,
+                                       momentum=self.momentum, eps=self.eps)
+        if stats and training:  # PyTorch's update is linear in the batch statistics: average it over the batch
+            new = {k: v if k == "count" else jax.lax.pmean(v, self.axis_name) for k, v in new.items()}
+            state = state.set(self.state_index, new)
+        return _with_state(y[0], state)
+
+
+class LayerNorm(eqx.Module):
+    """torch.nn.LayerNorm / equinox.nn.LayerNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``;
+    equinox's older ``elementwise_affine`` too, not together with them)."""
+
+    weight: Array | None
+    bias: Array | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool | None = None,
+                 use_bias: bool | None = None, dtype: Any = None, *, elementwise_affine: bool | None = None):
+        if elementwise_affine is not None and (use_weight is not None or use_bias is not None):
+            raise ValueError(f"LayerNorm: got both `elementwise_affine`={elementwise_affine!r} and `use_weight`/"
+                             "`use_bias`; give one of them.")
+        on = True if elementwise_affine is None else elementwise_affine
+        use_weight = on if use_weight is None else use_weight
+        use_bias = on if use_bias is None else use_bias
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        params = jaxnorm.layer_norm_init(self.shape, elementwise_affine=True, dtype=_dtype(dtype))
+        self.weight = params["scale"] if use_weight else None
+        self.bias = params["bias"] if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        return _with_state(jaxnorm.layer_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+
+
+class RMSNorm(eqx.Module):
+    """torch.nn.RMSNorm / equinox.nn.RMSNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``:
+    equinox's defaults, weight and bias on, eps 1e-5)."""
+
+    weight: Array | None
+    bias: Array | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True, use_bias: bool = True,
+                 dtype: Any = None):
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        params = jaxnorm.layer_norm_init(self.shape, elementwise_affine=True, dtype=_dtype(dtype))
+        self.weight = params["scale"] if use_weight else None
+        self.bias = params["bias"] if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        return _with_state(jaxnorm.rms_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+
+
+class GroupNorm(eqx.Module):
+    """torch.nn.GroupNorm / equinox.nn.GroupNorm: ``groups`` contiguous groups of the ``channels`` of one example
+    ``(C, *spatial)``."""
+
+    weight: Array | None
+    bias: Array | None
+    groups: int = eqx.field(static=True)
+    channels: int | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5, channelwise_affine: bool = True,
+                 dtype: Any = None):
+        if channelwise_affine and channels is None:
+            raise ValueError("GroupNorm: `channels` is needed for the per-channel weight and bias "
+                             "(or pass channelwise_affine=False).")
+        params = jaxnorm.group_norm_init(groups, channels, affine=channelwise_affine,
+                                         dtype=_dtype(dtype)) if channels is not None else {}
+        self.weight, self.bias = params.get("scale"), params.get("bias")
+        self.groups, self.channels, self.eps = groups, channels, eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        y = jaxnorm.group_norm(_params(self), x[None], num_groups=self.groups, axis=1, eps=self.eps)[0]
+        return _with_state(y, state)
+
+
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
