@@ -115,6 +115,26 @@ def test_full_two_circles_and_deep_mlp_findings(tmp_path):
     assert circles["runs"]["BatchNorm"]["final_test_accuracy"] > 0.95
 
 
+@pytest.mark.slow
+def test_two_circles_in_equinox_gives_the_same_finding(tmp_path):
+    pytest.importorskip("equinox", reason="the Equinox run needs the optional extra: pip install 'jaxnorm[equinox]'")
+    assert main(["two_circles", "--framework", "equinox", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["two_circles_equinox"]
+    r = results["two_circles_equinox"]
+    assert r["framework"] == "equinox" and r["finding_holds"], r["report"]
+    bn, plain = r["runs"]["BatchNorm"], r["runs"]["no BN"]
+    assert bn["final_test_accuracy"] > 0.95
+    assert bn["epochs_to_95pct_test_accuracy"] < plain["epochs_to_95pct_test_accuracy"]
+    assert "## Two circles: MLP with and without BatchNorm (in Equinox)" in (tmp_path / "report.md").read_text()
+
+
+def test_framework_flag_applies_to_two_circles_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["lenet", "--framework", "equinox"])
+    assert "applies to two_circles only" in capsys.readouterr().err
+
+
 def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
     """One run of the benchmark with tiny shapes (no timing assertions: speed is measured, never unit-tested)."""
     assert main(["benchmark", "--quick", "--out", str(tmp_path)]) == 0
