@@ -1,7 +1,7 @@
 """jaxnorm: normalization layers for JAX as pure functions over explicit state, with Flax wrappers.
 
 Functional API (pure, jit/vmap/grad-safe); state is plain dicts that drop into Flax's
-"params" / "batch_stats" collections. See README.md for the PyTorch mapping and tolerances.
+"params" / "batch_stats" collections. The docs site (docs/) gives the PyTorch and Flax mappings and tolerances.
 """
 
 from jaxnorm._batch_norm import batch_norm, batch_norm_init

@@ -11,6 +11,7 @@ State (dicts, ready for Flax's "params" / "batch_stats" collections)::
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -89,7 +90,8 @@ def check_affine(params: Any, fshape: tuple[int, ...], layer: str, fix: str) -> 
 
 def affine_arrays(params: dict, bshape: tuple[int, ...]) -> tuple[Array | None, Array | None]:
     """(scale, bias) reshaped to broadcast against x; None for an absent one."""
-    return tuple(params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
+    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
+    return scale, bias
 
 
 def check_cumulative(momentum: float | None, batch_stats: Any, training: bool, layer: str) -> None:
@@ -139,7 +141,7 @@ def batch_norm(
     axis: int = 1,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
     mask: Array | None = None,
     running_var_unbiased: bool = True,

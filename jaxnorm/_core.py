@@ -16,7 +16,7 @@ checkpoint and scan), and reverse mode saves only x and the small statistics.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -146,6 +146,7 @@ def check_state(
 
 
 def normalized_shape_tuple(normalized_shape: Any, layer: str) -> tuple[int, ...]:
+    shape: tuple[int, ...]
     if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
         shape = (int(normalized_shape),)
     elif isinstance(normalized_shape, Sequence) and all(
@@ -195,7 +196,7 @@ def moments(
     *,
     groups: tuple[int, int] | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> tuple[Array, Array, Array]:
     """Mean, biased variance and element count over ``reduction_axes`` (kept as size-1 dims).
@@ -443,7 +444,7 @@ def mean_square(
     reduction_axes: Sequence[int],
     *,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
     """Mean of ``x**2`` over ``reduction_axes`` (kept), in ``stats_dtype(x.dtype)`` (RMSNorm's statistic); with
@@ -499,7 +500,7 @@ def normalize_batch(
     *,
     groups: tuple[int, int] | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Normalize ``x`` with its own statistics over ``reduction_axes``: returns ``(y, mean, var, count)``.
@@ -527,7 +528,7 @@ def normalize_rms(
     *,
     bias: Array | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
     """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale (+ bias)`` over ``reduction_axes``.
@@ -673,7 +674,7 @@ def update_running(
     batch_stats: Mapping[str, Array],
     batch_mean: Array,
     batch_var: Array,
-    count: Array,
+    count: Array | None,
     momentum: float | None,
     unbiased: bool = True,
 ) -> dict[str, Array]:
@@ -688,10 +689,12 @@ def update_running(
     dtype = batch_stats["mean"].dtype
     new_count = batch_stats["count"] + 1 if "count" in batch_stats else None
     if momentum is None:  # the callers check that "count" is there
+        assert new_count is not None
         factor = 1.0 / new_count.astype(dtype)
     else:
         factor = jnp.asarray(momentum, dtype)
     if unbiased:
+        assert count is not None, "the unbiased update needs the batch's element count"
         batch_var = batch_var * (count / (count - 1))
     mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
     var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(dtype)

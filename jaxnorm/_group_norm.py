@@ -7,6 +7,7 @@ State::
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -70,9 +71,9 @@ def group_norm(
     axis: int = 1,
     eps: float = 1e-5,
     group_size: int | None = None,
-    reduction_axes: int | tuple[int, ...] | None = None,
+    reduction_axes: int | Sequence[int] | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
     """Split the channels on ``axis`` into ``num_groups`` contiguous groups (or groups of ``group_size``) and

@@ -14,6 +14,7 @@ passes 0.0), and ``count`` is never incremented (InstanceNorm never touches ``nu
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -58,7 +59,7 @@ def instance_norm(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Normalize each (example, channel) over its spatial axes; returns ``(y, new_batch_stats)``.

@@ -10,6 +10,7 @@ params over ``feature_axes``, like Flax. State::
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -106,10 +107,10 @@ def layer_norm(
     *,
     normalized_shape: int | tuple[int, ...] | None = None,
     eps: float = 1e-5,
-    reduction_axes: int | tuple[int, ...] | None = None,
-    feature_axes: int | tuple[int, ...] | None = None,
+    reduction_axes: int | Sequence[int] | None = None,
+    feature_axes: int | Sequence[int] | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
     """Normalize with the mean and biased variance over some axes, then scale/shift.
@@ -136,10 +137,10 @@ def rms_norm(
     *,
     normalized_shape: int | tuple[int, ...] | None = None,
     eps: float | None = None,
-    reduction_axes: int | tuple[int, ...] | None = None,
-    feature_axes: int | tuple[int, ...] | None = None,
+    reduction_axes: int | Sequence[int] | None = None,
+    feature_axes: int | Sequence[int] | None = None,
     mask: Array | None = None,
-    axis_name: str | None = None,
+    axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
     """``x * rsqrt(mean(x**2) + eps) * scale`` over some axes; ``eps=None`` is ``finfo(x.dtype).eps``.

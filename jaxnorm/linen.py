@@ -16,7 +16,7 @@ are still accumulated in at least float32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -49,7 +49,7 @@ class _Flax(nn.Module):
     use_scale: bool | None = None
     bias_init: Any = nn.initializers.zeros
     scale_init: Any = nn.initializers.ones
-    axis_name: str | None = None
+    axis_name: Hashable | None = None
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
@@ -268,7 +268,7 @@ class LocalResponseNorm(nn.Module):
 
 
 def _var_name(layer: nn.Module, path: Any) -> str:
-    return layer.name + "/" + jax.tree_util.keystr(path[1:], simple=True, separator="/")
+    return f"{layer.name}/{jax.tree_util.keystr(path[1:], simple=True, separator='/')}"
 
 
 class SpectralNorm(nn.Module):

@@ -10,7 +10,7 @@ has ``dtype``, or x's dtype when it is None).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -110,7 +110,7 @@ class BatchNorm(_ChannelNorm):
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
                  dtype: Any = None, param_dtype: Any = jnp.float32, affine: bool | None = None,
                  use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
-                 scale_init: Any = _ones, track_running_stats: bool = True, axis_name: str | None = None,
+                 scale_init: Any = _ones, track_running_stats: bool = True, axis_name: Hashable | None = None,
                  axis_index_groups: Any = None, use_fast_variance: bool = True, force_float32_reductions: bool = True,
                  promote_dtype: Any = None, nonfinite_guard: bool = False, rngs: nnx.Rngs | None = None,
                  bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
@@ -139,7 +139,7 @@ class InstanceNorm(_ChannelNorm):
                  flax_momentum: float | None = None, epsilon: float = 1e-5, dtype: Any = None,
                  param_dtype: Any = jnp.float32, affine: bool | None = None, use_bias: bool | None = None,
                  use_scale: bool | None = None, bias_init: Any = _zeros, scale_init: Any = _ones,
-                 track_running_stats: bool = False, axis_name: str | None = None, axis_index_groups: Any = None,
+                 track_running_stats: bool = False, axis_name: Hashable | None = None, axis_index_groups: Any = None,
                  use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
                  rngs: nnx.Rngs | None = None, bias_metadata: Mapping[str, Any] = _NO_METADATA,
                  scale_metadata: Mapping[str, Any] = _NO_METADATA):
@@ -203,7 +203,7 @@ class LayerNorm(_RowNorm):
                  param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
                  use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
                  scale_init: Any = _ones, reduction_axes: Axes | None = None, feature_axes: Axes | None = None,
-                 axis_name: str | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 axis_name: Hashable | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
                  force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
                  bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
         super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
@@ -223,7 +223,7 @@ class RMSNorm(_RowNorm):
                  normalized_shape: int | tuple[int, ...] | None = None, epsilon: float | None = None,
                  dtype: Any = None, param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
                  use_scale: bool | None = None, scale_init: Any = _ones, reduction_axes: Axes | None = None,
-                 feature_axes: Axes | None = None, axis_name: str | None = None, axis_index_groups: Any = None,
+                 feature_axes: Axes | None = None, axis_name: Hashable | None = None, axis_index_groups: Any = None,
                  use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
                  rngs: nnx.Rngs | None = None, scale_metadata: Mapping[str, Any] = _NO_METADATA):
         super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
@@ -245,7 +245,7 @@ class GroupNorm(_Flax):
                  epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
                  affine: bool | None = None, use_bias: bool | None = None, use_scale: bool | None = None,
                  bias_init: Any = _zeros, scale_init: Any = _ones, reduction_axes: Axes | None = None,
-                 axis_name: str | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 axis_name: Hashable | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
                  force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
                  bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
         if num_features is not None and num_channels is not None:
@@ -259,7 +259,12 @@ class GroupNorm(_Flax):
         if num_groups is not None and group_size is not None:
             raise ValueError(f"GroupNorm: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; "
                              "give one of them.")
-        jaxnorm.group_norm_init(num_groups if group_size is None else max(1, c // group_size), c)  # checks
+        if num_groups is None:
+            assert group_size is not None  # one of the two was given or defaulted above
+            num_checked = max(1, c // group_size)
+        else:
+            num_checked = num_groups
+        jaxnorm.group_norm_init(num_checked, c)  # checks
         if group_size is not None and c % group_size:
             raise ValueError(f"GroupNorm: `group_size`={group_size} must divide the number of channels {c}.")
         use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, True, "GroupNorm")

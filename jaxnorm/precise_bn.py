@@ -24,6 +24,8 @@ from jaxnorm import _core
 from jaxnorm._tree import get_path, set_path, walk
 from jaxnorm.linen import BatchNorm
 
+__all__ = ["recalibrate"]
+
 _COLLECTION = "precise_bn_moments"
 
 
