@@ -60,10 +60,16 @@ def test_huge_low_precision_values_normalize_in_float32(dtype, loc, spread):
 @pytest.mark.parametrize("name,ctor,shape", registry.LAYERS, ids=[t[0] for t in registry.LAYERS])
 def test_every_layer_compiles_once_per_shape_in_both_modes(name, ctor, shape):
     built = registry.build(name, ctor)
-    fns = {t: jax.jit(lambda p, s, x, t=t: built.apply(p, s, x, training=t)) for t in (True, False)}
+    traces = {True: 0, False: 0}  # counted at trace time (jit cache sizes can be evicted under load)
+
+    def apply(p, s, x, t):
+        traces[t] += 1
+        return built.apply(p, s, x, training=t)
+
+    fns = {t: jax.jit(lambda p, s, x, t=t: apply(p, s, x, t)) for t in (True, False)}
     rng = np.random.default_rng(2)
     for _ in range(3):
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         for f in fns.values():
             f(built.params, built.batch_stats, x)
-    assert all(f._cache_size() == 1 for f in fns.values())
+    assert traces == {True: 1, False: 1}
