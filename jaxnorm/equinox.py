@@ -18,8 +18,8 @@ says which to use.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar
 
 try:
     import equinox as eqx
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm
+from jaxnorm import _core
 from jaxnorm._conventions import resolve_momentum
 
 Array = jax.Array
@@ -152,14 +153,31 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         return _with_state(y[0], state)
 
 
-class LayerNorm(eqx.Module):
-    """torch.nn.LayerNorm / equinox.nn.LayerNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``;
-    equinox's older ``elementwise_affine`` too, not together with them)."""
+class _TrailingNorm(eqx.Module):
+    """A norm over the trailing ``shape`` dims of one example, with an optional per-element weight and bias."""
 
     weight: Array | None
     bias: Array | None
     shape: tuple[int, ...] = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    _norm: ClassVar[Callable[..., Array]]  # the functional layer: jaxnorm.layer_norm or jaxnorm.rms_norm
+
+    def _setup(self, shape: Any, eps: float, use_weight: bool, use_bias: bool, dtype: Any, layer: str) -> None:
+        self.shape = _core.normalized_shape_tuple(shape, layer)
+        params = jaxnorm.layer_norm_init(self.shape, dtype=_dtype(dtype))
+        self.weight = params["scale"] if use_weight else None
+        self.bias = params["bias"] if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        return _with_state(self._norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+
+
+class LayerNorm(_TrailingNorm):
+    """torch.nn.LayerNorm / equinox.nn.LayerNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``;
+    equinox's older ``elementwise_affine`` too, not together with them)."""
+
+    _norm = staticmethod(jaxnorm.layer_norm)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool | None = None,
                  use_bias: bool | None = None, dtype: Any = None, *, elementwise_affine: bool | None = None):
@@ -167,37 +185,19 @@ class LayerNorm(eqx.Module):
             raise ValueError(f"LayerNorm: got both `elementwise_affine`={elementwise_affine!r} and `use_weight`/"
                              "`use_bias`; give one of them.")
         on = True if elementwise_affine is None else elementwise_affine
-        use_weight = on if use_weight is None else use_weight
-        use_bias = on if use_bias is None else use_bias
-        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        params = jaxnorm.layer_norm_init(self.shape, elementwise_affine=True, dtype=_dtype(dtype))
-        self.weight = params["scale"] if use_weight else None
-        self.bias = params["bias"] if use_bias else None
-        self.eps = eps
-
-    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
-        return _with_state(jaxnorm.layer_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+        self._setup(shape, eps, on if use_weight is None else use_weight, on if use_bias is None else use_bias,
+                    dtype, "LayerNorm")
 
 
-class RMSNorm(eqx.Module):
+class RMSNorm(_TrailingNorm):
     """torch.nn.RMSNorm / equinox.nn.RMSNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``:
     equinox's defaults, weight and bias on, eps 1e-5)."""
 
-    weight: Array | None
-    bias: Array | None
-    shape: tuple[int, ...] = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
+    _norm = staticmethod(jaxnorm.rms_norm)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True, use_bias: bool = True,
                  dtype: Any = None):
-        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        params = jaxnorm.layer_norm_init(self.shape, elementwise_affine=True, dtype=_dtype(dtype))
-        self.weight = params["scale"] if use_weight else None
-        self.bias = params["bias"] if use_bias else None
-        self.eps = eps
-
-    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
-        return _with_state(jaxnorm.rms_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+        self._setup(shape, eps, use_weight, use_bias, dtype, "RMSNorm")
 
 
 class GroupNorm(eqx.Module):
