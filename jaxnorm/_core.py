@@ -262,11 +262,7 @@ def group_psum(v: Array, axis_name: Any, groups: Any) -> Array:
     if groups is None:
         return jax.lax.psum(v, axis_name)
     size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-    _group_membership(groups, size)  # validates the partition
-    group_of = np.zeros(size, np.int32)
-    for g, members in enumerate(groups):
-        group_of[list(members)] = g
-    mine = jnp.asarray(group_of)[index]
+    mine = jnp.asarray(_group_of(groups, size))[index]
     hot = jax.nn.one_hot(mine, len(groups), dtype=v.dtype).reshape((len(groups),) + (1,) * v.ndim)
     return jax.lax.psum(hot * v[None], axis_name)[mine]
 
@@ -425,18 +421,24 @@ def group_combine(s: Array, groups: tuple[int, int] | None) -> Array:
     return jnp.repeat(s, c // g, axis=ax)
 
 
-def _group_membership(groups: Any, size: int) -> np.ndarray:
-    """(size, size) table: row i marks the devices in device i's group; the groups must partition range(size)."""
-    table = np.zeros((size, size))
+def _group_of(groups: Any, size: int) -> np.ndarray:
+    """Each device's group index (``(size,)`` ints); the groups must partition range(size)."""
     flat = sorted(int(i) for g in groups for i in g)
     if flat != list(range(size)):
         raise ValueError(
             f"`axis_index_groups`={groups!r} must split the {size} devices of the axis into disjoint groups that "
             f"cover each index 0..{size - 1} exactly once."
         )
-    for g in groups:
-        table[np.ix_(list(g), list(g))] = 1
-    return table
+    group_of = np.zeros(size, np.int32)
+    for g, members in enumerate(groups):
+        group_of[list(members)] = g
+    return group_of
+
+
+def _group_membership(groups: Any, size: int) -> np.ndarray:
+    """(size, size) table: row i marks the devices in device i's group."""
+    group_of = _group_of(groups, size)
+    return (group_of[:, None] == group_of[None, :]).astype(np.float64)
 
 
 def mean_square(
