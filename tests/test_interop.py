@@ -61,6 +61,103 @@ def test_unmapped_module_is_a_clear_error():
         interop.torch_to_flax({"x.weight": np.ones((2, 3))}, {"x": "Dense_0"}, kinds={"x": "dense"})
 
 
+def _cnn_state_dict(rng):
+    """A state_dict shaped like TorchCNN's below, in its registration order, as NumPy arrays."""
+    shapes = {"conv1.weight": (8, 3, 3, 3), "conv1.bias": (8,), "bn.weight": (8,), "bn.bias": (8,),
+              "bn.running_mean": (8,), "bn.running_var": (8,), "bn.num_batches_tracked": (),
+              "conv2.weight": (8, 8, 3, 3), "conv2.bias": (8,), "gn.weight": (8,), "gn.bias": (8,),
+              "fc1.weight": (16, 128), "fc1.bias": (16,), "ln.weight": (16,), "ln.bias": (16,),
+              "fc2.weight": (5, 16), "fc2.bias": (5,)}
+    return {k: np.asarray(rng.normal(size=s), np.float32) for k, s in shapes.items()}
+
+
+class FlaxCNNInTorchOrder(FlaxCNN):
+    """FlaxCNN with one module per statement, so its modules are created in TorchCNN's order."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(8, (3, 3), padding=1)(x)
+        x = nn.relu(jl.BatchNorm(use_running_average=not train)(x))
+        x = nn.Conv(8, (3, 3), padding="VALID")(x)
+        x = nn.relu(jl.GroupNorm(num_groups=4)(x))
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        x = nn.Dense(16)(x)
+        x = nn.relu(jl.LayerNorm()(x))
+        return nn.Dense(5)(x)
+
+
+X = jnp.zeros((1, 6, 6, 3))
+
+
+def test_derive_names_pairs_modules_in_declaration_order():
+    sd = _cnn_state_dict(np.random.default_rng(0))
+    names = interop.derive_names(sd, FlaxCNNInTorchOrder(), X, train=False)
+    assert names == NAMES and list(names) == list(NAMES)
+    variables = interop.torch_to_flax(sd, names)
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(
+        np.shape, jax.eval_shape(lambda: FlaxCNNInTorchOrder().init(jax.random.key(0), X, train=False)))
+
+
+def test_derive_names_follows_setup_order_not_call_order():
+    class PostNorm(nn.Module):  # calls norm before linear, declares it after (as torch's encoder layer does)
+        def setup(self):
+            self.linear = nn.Dense(4)
+            self.norm = jl.LayerNorm()
+
+        def __call__(self, x):
+            return self.linear(self.norm(x))
+
+    sd = {"linear.weight": np.ones((4, 4)), "linear.bias": np.ones(4), "norm.weight": np.ones(4),
+          "norm.bias": np.ones(4)}
+    names = interop.derive_names(sd, PostNorm(), jnp.zeros((2, 4)))
+    assert names == {"linear": "linear", "norm": "norm"}
+
+
+def test_derive_names_error_names_the_first_mismatch_and_names_overrides_it():
+    sd = _cnn_state_dict(np.random.default_rng(0))
+    # FlaxCNN writes LayerNorm()(Dense(16)(x)): the LayerNorm is created before the Dense
+    with pytest.raises(ValueError, match=r"torch module 'fc1' \(module 5 .*does not match Flax module "
+                                         r"'LayerNorm_0': it is a linear layer, the Flax module a norm layer.*"
+                                         r"names=\{'fc1': 'Flax/path'\}"):
+        interop.derive_names(sd, FlaxCNN(), X, train=False)
+    names = interop.derive_names(sd, FlaxCNN(), X, train=False, names={"fc1": "Dense_0"})
+    assert names == NAMES
+    # a full hand-written mapping is returned as given
+    assert interop.derive_names(sd, FlaxCNN(), X, train=False, names=NAMES) == NAMES
+
+
+def test_derive_names_errors():
+    sd = _cnn_state_dict(np.random.default_rng(0))
+    model = FlaxCNNInTorchOrder()
+    with pytest.raises(ValueError, match=r"'conv1' \(module 1 .*converts to .*'kernel': \(3, 3, 3, 4\).*"
+                                         r"holds .*'kernel': \(3, 3, 3, 8\)"):
+        interop.derive_names({**sd, "conv1.weight": np.zeros((4, 3, 3, 3))}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"8 torch modules but 7 Flax modules.*first torch module left without "
+                                         r"a partner is 'head'"):
+        interop.derive_names({**sd, "head.weight": np.zeros((2, 5))}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"first Flax module left without a partner is 'Dense_1'"):
+        interop.derive_names({k: v for k, v in sd.items() if not k.startswith("fc2")}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"'attn' holds \['in_proj_weight'\], which interop does not convert.*"
+                                         r"'self_attn.in_proj.weight'"):
+        interop.derive_names({"attn.in_proj_weight": np.zeros((3, 3)), **sd}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"Flax path 'Dense_7', which is not a module with variables"):
+        interop.derive_names(sd, model, X, train=False, names={"fc1": "Dense_7"})
+    with pytest.raises(ValueError, match=r"names has torch module 'fc9', which the state_dict does not hold"):
+        interop.derive_names(sd, model, X, train=False, names={"fc9": "Dense_0"})
+
+    class TwoDimLayerNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jl.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1))(x)
+
+    ln2d = {"ln.weight": np.ones((3, 4)), "ln.bias": np.zeros((3, 4))}
+    with pytest.raises(ValueError, match=r"a linear layer, the Flax module a norm layer \(for a LayerNorm or "
+                                         r"RMSNorm over 2\+ trailing dims pass kinds=\{'ln': 'norm'\}\)"):
+        interop.derive_names(ln2d, TwoDimLayerNorm(), jnp.zeros((2, 3, 4)))
+    assert interop.derive_names(ln2d, TwoDimLayerNorm(), jnp.zeros((2, 3, 4)), kinds={"ln": "norm"}) == {
+        "ln": "LayerNorm_0"}
+
+
 @pytest.mark.torch
 def test_pytorch_cnn_end_to_end():
     torch = pytest.importorskip("torch")

@@ -14,6 +14,10 @@ DEFAULT = {
 # different order than PyTorch, so they get a looser bound.
 CUSTOM = {
     ("grad", "float32"): dict(atol=5e-5, rtol=5e-5),
+    # whole ported models (tests/test_models.py): float32 rounding accumulated over up to ~20 layers (worst seen:
+    # 7.5e-6 of the array's largest value, a ResNet-18 conv gradient), so the bound
+    # is per array and scale-aware: |a - b| <= atol * max|b| + rtol * |b|
+    ("model", "float32"): dict(atol=3e-5, rtol=1e-5),
 }
 
 
