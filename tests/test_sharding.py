@@ -5,6 +5,9 @@ Every case is compared with one device running the global batch: outputs, runnin
 
 from __future__ import annotations
 
+import json
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -336,3 +339,21 @@ def test_vmap_over_many_examples_is_linear_not_quadratic():
     y_ref, s_ref = jaxnorm.batch_norm(params, stats, x, training=True)
     np.testing.assert_allclose(y, y_ref, atol=3e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-6, atol=1e-6), s, s_ref)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"),
+                    reason="multi-process CPU JAX (jax.distributed with gloo collectives) runs on Linux and macOS only")
+def test_two_processes_train_like_one_device_on_the_global_batch(tmp_path, capsys):
+    """2 processes x 2 CPU devices joined by jax.distributed on 127.0.0.1: shard_map with axis_name and jit over a
+    global NamedSharding both match one device on the global batch (params, batch_stats, loss) at every step."""
+    from experiments import sync_bn
+
+    assert sync_bn.main(["--processes", "2", "--devices", "2", "--steps", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sync_bn_processes.json").read_text())
+    assert (result["processes"], result["devices"], result["count"]) == (2, 4, 4)
+    assert set(result["max_abs_diff"]) == {"shard_map", "jit over NamedSharding"}
+    for way, diffs in result["max_abs_diff"].items():
+        for key, diff in diffs.items():
+            assert diff < 1e-5, (way, key, diff)
+    assert "2 processes x 2 devices" in capsys.readouterr().out
