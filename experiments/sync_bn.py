@@ -14,8 +14,8 @@ by ``jax.distributed.initialize`` on 127.0.0.1 (a free port; gloo collectives), 
 P x devices in two ways: (a) ``shard_map`` with ``BatchNorm(axis_name="batch")`` as above, and (b) plain ``jit``
 over a global ``NamedSharding`` (the batch split across every process's devices, BatchNorm without
 ``axis_name``: XLA reduces the statistics across processes itself). Each process also trains one local device
-on the whole global batch; process 0 reports the largest differences. On real hosts, run the same worker on each
-host with the coordinator's address (see the multi-device guide).
+on the whole global batch; process 0 prints the largest differences as JSON. On real hosts, run
+``python -m experiments sync_bn --processes N --devices D --worker i --coordinator HOST:PORT`` on each host i.
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
     parser.add_argument("--processes", type=int, default=1, help="JAX processes on this machine (jax.distributed)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before the processes are stopped")
-    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # process id, set by the parent
-    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=None, metavar="ID",
+                        help="run as process ID of --processes (started for you locally; on real hosts run one "
+                             "per host with --coordinator)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="the coordinator's address for --worker (process 0 listens there)")
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)  # local runs: 127.0.0.1:PORT
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be >= 1, got {args.processes}")
     if args.worker is not None:
+        if args.coordinator is None and args.port is None:
+            parser.error("--worker needs --coordinator HOST:PORT")
         return _worker(args)
     if args.processes > 1:
         devices = args.devices if "--devices" in (argv if argv is not None else sys.argv) else 2
@@ -196,7 +202,8 @@ def _worker(args) -> int:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", args.devices)
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
+    address = args.coordinator or f"127.0.0.1:{args.port}"
+    jax.distributed.initialize(coordinator_address=address, num_processes=args.processes,
                                process_id=args.worker, initialization_timeout=120)
     try:
         result = _multiprocess_training(args.steps, args.seed)
