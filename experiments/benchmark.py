@@ -1,6 +1,10 @@
 """benchmark: jaxnorm vs flax.linen vs PyTorch (CPU), forward (train, eval) and forward+backward.
 
 Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--quick] [--out results]``
+         ``python -m experiments benchmark --model resnet18 [--runs 15] [--quick]``: whole-model training steps
+         per second (ResNet-18, 64x64 images, batch 32, SGD with momentum) with jaxnorm's BatchNorm vs
+         ``flax.linen.BatchNorm`` in the same Flax model vs torchvision's resnet18 in PyTorch, plus eval; all three
+         start from the same (ported) weights. Writes ``benchmark_model.json``.
 Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
 For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
 warm-up, interleaved round-robin across implementations, each after a short idle gap and an untimed call
@@ -15,6 +19,7 @@ and prints the tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -231,6 +236,127 @@ def format_tables(rows) -> str:
     return "\n".join(lines)
 
 
+def _model_fns(norm, torch_model, image, batch, quick):
+    """(train_step, eval_step, sync) for the Flax ResNet with ``norm``, starting from ``torch_model``'s weights."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from experiments import models
+    from jaxnorm import interop
+
+    stages = (1, 1, 1, 1) if quick else (2, 2, 2, 2)
+    model = models.ResNet(stage_sizes=stages, num_classes=10, norm=norm)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    state_dict = torch_model.state_dict()
+    if norm is models.flax_batch_norm:  # flax's BatchNorm keeps no count
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    names = interop.derive_names(state_dict, model, x[:1])
+    variables = jax.tree.map(jnp.asarray, interop.torch_to_flax(state_dict, names))
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, x, y):
+        params, batch_stats, opt_state = state
+
+        def loss(params):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+
+        grads, batch_stats = jax.grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    holder = {"state": (variables["params"], variables["batch_stats"], tx.init(variables["params"]))}
+
+    def train():
+        holder["state"] = train_step(holder["state"], x, y)
+        return holder["state"]
+
+    def eval_():
+        params, batch_stats, _ = holder["state"]
+        return evaluate({"params": params, "batch_stats": batch_stats}, x)
+
+    return train, eval_
+
+
+def _torch_model_fns(torch_model, image, batch):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(batch, 3, image, image)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, batch))
+    opt = torch.optim.SGD(torch_model.parameters(), lr=0.01, momentum=0.9)
+
+    def train():
+        torch_model.train()
+        loss = torch.nn.functional.cross_entropy(torch_model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def eval_():
+        torch_model.eval()
+        with torch.no_grad():
+            return torch_model(x)
+
+    return train, eval_
+
+
+def run_model(model_name: str, runs: int, with_torch: bool, quick: bool, settle: float = SETTLE_S) -> dict:
+    """Training steps and eval calls per second of a whole model, jaxnorm vs Flax vs PyTorch, interleaved."""
+    import jax
+    import torch
+
+    from experiments import models
+
+    if model_name != "resnet18":
+        raise ValueError(f"unknown --model {model_name!r}; choose resnet18")
+    image, batch = (32, 4) if quick else (64, 32)
+    torchvision = models.torchvision_models()
+    torch.manual_seed(0)
+    torch_model = (torchvision.ResNet(torchvision.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10) if quick
+                   else torchvision.resnet18(num_classes=10))
+    sync = lambda out: jax.block_until_ready(out)
+    fns = {}
+    for impl, norm in (("jaxnorm", models.jaxnorm_batch_norm), ("flax", models.flax_batch_norm)):
+        train, eval_ = _model_fns(norm, torch_model, image, batch, quick)
+        fns[(impl, "train")], fns[(impl, "eval")] = (train, sync), (eval_, sync)
+    if with_torch:
+        train, eval_ = _torch_model_fns(torch_model, image, batch)
+        fns[("torch", "train")], fns[("torch", "eval")] = (train, lambda out: out), (eval_, lambda out: out)
+    times = _interleaved_times(fns, runs, settle)
+    per_round = lambda a, b: statistics.median(x / y for x, y in zip(a, b, strict=True))
+    row = {"model": model_name + (" (quick: 1 block per stage)" if quick else ""), "image": image, "batch": batch,
+           "runs": runs}
+    for (impl, mode), ts in times.items():
+        row.setdefault(impl, {})[f"{mode}_ms"] = statistics.median(ts)
+        row[impl][f"{mode}_per_s"] = 1e3 / statistics.median(ts)
+    for mode in ("train", "eval"):
+        for peer in ("flax", "torch"):
+            if (peer, mode) in times:  # time ratio: < 1 means jaxnorm is faster
+                row[f"{mode}_time/{peer}"] = per_round(times[("jaxnorm", mode)], times[(peer, mode)])
+    return row
+
+
+def format_model_table(row) -> str:
+    peers = [p for p in ("jaxnorm", "flax", "torch") if p in row]
+    lines = [f"{row['model']}, {row['image']}x{row['image']} images, batch {row['batch']} (median of {row['runs']}):",
+             "", "| | " + " | ".join(peers) + " | jaxnorm / flax time | jaxnorm / torch time |",
+             "|---|" + "---|" * (len(peers) + 2)]
+    for mode, what in (("train", "training steps/s"), ("eval", "eval batches/s")):
+        cells = [f"{row[p][f'{mode}_per_s']:.2f}" for p in peers]
+        ratios = [f"{row[key]:.2f}" if (key := f"{mode}_time/{peer}") in row else "-" for peer in ("flax", "torch")]
+        lines.append(f"| {what} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,14 +365,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 runs: a smoke test")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
+    parser.add_argument("--model", choices=("resnet18",), default=None,
+                        help="benchmark a whole model's training step instead of single layers (needs torch and "
+                             "torchvision)")
     args = parser.parse_args(argv)
     try:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        with_torch = not args.no_torch
+        have_torch = True
     except ImportError:
-        with_torch = False
+        have_torch = False
+    with_torch = have_torch and not args.no_torch
+    if args.model:
+        if not have_torch:
+            parser.error("--model needs torch (pip install torch==2.13.0) and torchvision "
+                         "(pip install torchvision==0.28.0 --no-deps): the model is ported from torchvision")
+        runs = 3 if args.quick else max(args.runs, 15)
+        row = run_model(args.model, runs, with_torch, args.quick, 0.0 if args.quick else SETTLE_S)
+        import jax
+
+        row["meta"] = {"jax": jax.__version__, "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
+                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "benchmark_model.json").write_text(json.dumps(row, indent=2))
+        print(format_model_table(row))
+        return 0
     if args.quick:
         cases = {f"{layer} {'x'.join(map(str, s))}": (layer, s, "float32", {"groups": 2} if layer == "gn" else {})
                  for layer, shapes in QUICK_SHAPES.items() for s in shapes}

@@ -236,6 +236,9 @@ def derive_names(state_dict: Mapping[str, Any], model: Any, *args: Any, names: M
                             f"kinds={{{prefix!r}: 'norm'}})")
         elif _converted_shapes(kind, leaves) != target:
             problem = f"it converts to {_converted_shapes(kind, leaves)}, the Flax module holds {target}"
+            if {k: v for k, v in _converted_shapes(kind, leaves).items() if k != "count"} == target:
+                problem += (" (the Flax module keeps no count, as flax.linen.BatchNorm or a jaxnorm BatchNorm with "
+                            "flax_momentum: drop the num_batches_tracked keys from the state_dict first)")
         if problem:
             raise ValueError(
                 f"derive_names: torch module {prefix!r} (module {i + 1} with parameters or buffers, in order) does "

@@ -140,6 +140,8 @@ def test_derive_names_errors():
     with pytest.raises(ValueError, match=r"'attn' holds \['in_proj_weight'\], which interop does not convert.*"
                                          r"'self_attn.in_proj.weight'"):
         interop.derive_names({"attn.in_proj_weight": np.zeros((3, 3)), **sd}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"'bn' .*the Flax module keeps no count.*drop the num_batches_tracked"):
+        interop.derive_names(sd, nn.Sequential([nn.Conv(8, (3, 3), padding=1), nn.BatchNorm(True)]), X)
     with pytest.raises(ValueError, match=r"Flax path 'Dense_7', which is not a module with variables"):
         interop.derive_names(sd, model, X, train=False, names={"fc1": "Dense_7"})
     with pytest.raises(ValueError, match=r"names has torch module 'fc9', which the state_dict does not hold"):
