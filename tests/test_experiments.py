@@ -169,3 +169,22 @@ def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
             assert row[impl]["fwd_train"] > 0 and row[impl]["fwd_bwd_bytes"] > 0
         assert set(row["ratios"]) >= {"fwd_train/best_peer", "fwd_bwd/best_peer", "fwd_eval/floor"}
     assert "| case | floor |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_model_benchmark_smoke_run(tmp_path, capsys):
+    """The whole-model benchmark with a 1-block-per-stage ResNet on 32x32 images (no timing assertions)."""
+    pytest.importorskip("torch")
+    from experiments import models
+
+    try:
+        models.torchvision_models()
+    except ImportError as error:
+        pytest.skip(str(error))
+    assert main(["benchmark", "--model", "resnet18", "--quick", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "benchmark_model.json").read_text())
+    for impl in ("jaxnorm", "flax", "torch"):
+        assert row[impl]["train_ms"] > 0 and row[impl]["eval_ms"] > 0, impl
+    assert {"train_time/flax", "train_time/torch", "eval_time/flax", "eval_time/torch"} <= set(row)
+    assert "| training steps/s |" in capsys.readouterr().out
