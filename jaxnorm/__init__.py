@@ -4,6 +4,7 @@ Functional API (pure, jit/vmap/grad-safe); state is plain dicts that drop into F
 "params" / "batch_stats" collections. The docs site (docs/) gives the PyTorch and Flax mappings and tolerances.
 """
 
+from jaxnorm import kernels  # noqa: F401  (jaxnorm.kernels: opt-in Pallas kernels)
 from jaxnorm._batch_norm import batch_norm, batch_norm_init
 from jaxnorm._group_norm import group_norm, group_norm_init
 from jaxnorm._instance_norm import instance_norm, instance_norm_init

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from jaxnorm import kernels
+
 Array = jax.Array
 
 
@@ -214,11 +216,9 @@ def moments(
     if mask is None:
         n = group_count(x.shape, axes, groups)
         count = jnp.full((1,) * x.ndim, n, dtype)
-        rows = _contiguous_rows(x.shape, axes, groups)
-        if rows is not None:
-            mean, m2 = _row_moments(x, dtype, rows, groups)
-        else:
-            mean, m2 = _checked_one_pass(x, dtype, red, n)
+        mean, m2 = jax.lax.platform_dependent(
+            x, cpu=functools.partial(_cpu_moments, axes=axes, groups=groups),
+            default=functools.partial(_plain_moments, axes=axes, groups=groups))
     else:
         xf, maskb = x.astype(dtype), jnp.broadcast_to(mask, x.shape)
         count = red(maskb.astype(dtype))
@@ -230,6 +230,28 @@ def moments(
         count, mean, m2 = _combine_moments(count, mean, m2, axis_name, axis_index_groups)
     var = m2 / jnp.maximum(count, 1)
     return mean, jnp.maximum(var, 0), count
+
+
+def _cpu_moments(x: Array, *, axes: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
+    """(mean, M2) as measured fastest on XLA:CPU: one fused row kernel for ``ROW_FUSION_MIN_ROWS`` contiguous rows
+    or more, else one checked pass (with shifted sums behind a ``lax.cond`` when the data sits far off zero)."""
+    dtype, rows = stats_dtype(x.dtype), _contiguous_rows(x.shape, axes, groups)
+    if rows is not None and np.prod(rows[:-1]) >= ROW_FUSION_MIN_ROWS:
+        return _row_moments(x, dtype, rows, groups)
+    red = functools.partial(sum_over, axes=axes, groups=groups)
+    return _checked_one_pass(x, dtype, red, group_count(x.shape, axes, groups))
+
+
+def _plain_moments(x: Array, *, axes: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
+    """(mean, M2) on platforms where nothing was measured yet (GPU, TPU): the exact two-pass formula, the mean
+    then ``sum((x - mean)^2)``, with no data-dependent branch (a ``lax.cond`` on a GPU waits for its predicate)."""
+    dtype, rows = stats_dtype(x.dtype), _contiguous_rows(x.shape, axes, groups)
+    if rows is not None:
+        return _row_moments(x, dtype, rows, groups)
+    red = functools.partial(sum_over, axes=axes, groups=groups)
+    xf = x.astype(dtype)
+    mean = red(xf) / group_count(x.shape, axes, groups)
+    return mean, red(jnp.square(xf - mean))
 
 
 SLOTS_MAX_DEVICES = 64  # up to this many devices on the axis the triples are gathered in one collective
@@ -284,17 +306,31 @@ def device_slots(mine: Array, axis_name: Any, axis_index_groups: Any) -> Array:
     return jnp.moveaxis(stacked, 1, 0)
 
 
+def cpu_barrier(tree: Any) -> Any:
+    """``jax.lax.optimization_barrier`` of ``tree`` where the program is compiled for CPU; ``tree`` elsewhere.
+
+    Every optimization barrier in jaxnorm is an XLA:CPU scheduling device, measured there: it hands each full-size
+    consumer its own copy of an operand, so XLA:CPU recomputes ``x - mean`` or converts bfloat16 inside each
+    fusion instead of writing the shared value to memory. GPUs and TPUs fuse differently and none of this was
+    measured on them, so they get the plain program. ``jax.lax.platform_dependent`` is resolved when the program is
+    lowered: a program lowered for one platform holds that platform's branch only (and a multi-platform export
+    holds both).
+    """
+    return jax.lax.platform_dependent(tree, cpu=jax.lax.optimization_barrier, default=lambda t: t)
+
+
 ROW_FUSION_MIN_ROWS = 4096  # row statistics from this many rows on (see _contiguous_rows)
 
 
 def _contiguous_rows(shape: Sequence[int], axes: tuple[int, ...], groups: tuple[int, int] | None):
-    """``shape`` as ``(rows..., row_length)`` when each statistic pools one contiguous row and XLA:CPU fuses them.
+    """``shape`` as ``(rows..., row_length)`` when each statistic pools one contiguous row, else None.
 
     Rows: the reduced axes are the trailing block (layer norm; instance norm in NCHW), or, with ``groups``, the
-    trailing block right after the channel axis (group norm in NCHW: a group's channels are adjacent). With at
-    least ``ROW_FUSION_MIN_ROWS`` rows XLA:CPU (jax 0.10) compiles the row statistics and the normalization into
-    one row-wise kernel; with fewer it does not, and the checked one-pass sums, two independent reductions that
-    run side by side, are faster (measured: instance norm 16x64x64x64 4.4 -> 4.9 ms with rows).
+    trailing block right after the channel axis (group norm in NCHW: a group's channels are adjacent). On CPU the
+    row path is taken from ``ROW_FUSION_MIN_ROWS`` rows on: there XLA:CPU (jax 0.10) compiles the row statistics
+    and the normalization into one row-wise kernel; with fewer it does not, and the checked one-pass sums, two
+    independent reductions that run side by side, are faster (measured: instance norm 16x64x64x64 4.4 -> 4.9 ms
+    with rows).
     """
     k = len(shape) - len(axes)
     if not axes or tuple(sorted(axes)) != tuple(range(k, len(shape))):
@@ -305,7 +341,7 @@ def _contiguous_rows(shape: Sequence[int], axes: tuple[int, ...], groups: tuple[
         rows = tuple(shape[: k - 1]) + (groups[1], -1)
     else:
         return None
-    return rows if np.prod(rows[:-1]) >= ROW_FUSION_MIN_ROWS else None
+    return rows
 
 
 def _row_moments(x: Array, dtype: Any, rows: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array]:
@@ -319,7 +355,7 @@ def _row_moments(x: Array, dtype: Any, rows: tuple[int, ...], groups: tuple[int,
     x1, x2 = (c.reshape(rows) for c in _converted_copies(x, 2, dtype))
     n = x1.shape[-1]
     mean = jnp.sum(x1, -1, keepdims=True) / n
-    m2 = jnp.sum(jnp.square(x2 - jax.lax.optimization_barrier(mean)), -1, keepdims=True)
+    m2 = jnp.sum(jnp.square(x2 - cpu_barrier(mean)), -1, keepdims=True)
     if groups is not None:  # one statistic per group -> one per channel: (..., G, 1) -> (..., C, 1)
         ax, g = groups
         mean, m2 = (jnp.repeat(t, x.shape[ax] // g, axis=ax) for t in (mean, m2))
@@ -355,7 +391,7 @@ def _checked_one_pass(x: Array, dtype: Any, red: Callable[[Array], Array], n: fl
     one_pass_ok = jnp.all(jnp.isfinite(var) & (jnp.square(m) <= ONE_PASS_MAX_RATIO * var))
 
     def shifted(m):  # x is converted inside the branch, so the fast path never pays for it
-        (x_a, x_b), (m_a, m_b) = jax.lax.optimization_barrier(((x, x), (m, m)))
+        (x_a, x_b), (m_a, m_b) = cpu_barrier(((x, x), (m, m)))
         return _shifted_sums(red, x_a.astype(dtype) - m_a, x_b.astype(dtype) - m_b, m, n)
 
     return jax.lax.cond(one_pass_ok, lambda m: (m, var * n), shifted, m)
@@ -379,7 +415,7 @@ def _converted_copies(t: Array, k: int, dtype: Any):
     """
     if t.dtype == dtype:
         return iter((t,) * k)
-    return (c.astype(dtype) for c in jax.lax.optimization_barrier((t,) * k))
+    return (c.astype(dtype) for c in cpu_barrier((t,) * k))
 
 
 def group_count(shape: Sequence[int], axes: Sequence[int], groups: tuple[int, int] | None = None) -> float:
@@ -513,7 +549,7 @@ def normalize_batch(
     """
     if mask is None and axis_name is None:
         axes = tuple(reduction_axes)
-        y, mean, var = _normalize_fused(x, axes, groups, float(eps), True, scale, bias)
+        y, mean, var = _normalize_fused(x, axes, groups, float(eps), True, kernels._mode(), scale, bias)
         count = jnp.full((1,) * x.ndim, group_count(x.shape, axes, groups), mean.dtype)
         return y, mean, var, count
     mean, var, count = moments(
@@ -541,7 +577,7 @@ def normalize_rms(
     ``axis_name`` the statistic is ``mean_square``'s and JAX differentiates it.
     """
     if mask is None and axis_name is None:
-        return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, scale, bias)[0]
+        return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, kernels._mode(), scale, bias)[0]
     ms = mean_square(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     return normalize(x, None, ms, eps, scale, bias)
 
@@ -553,17 +589,65 @@ def _fused_statistics(x: Array, axes: tuple[int, ...], groups: tuple[int, int] |
     return None, mean_square(x, axes)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
-def _normalize_fused(x, axes, groups, eps, centre, scale, bias):
-    """``(y, mean, var)`` of ``normalize`` with x's own statistics; the derivative is ``_normalize_tangents``."""
+def _xla_forward(x, axes, groups, eps, centre, scale, bias):
     mean, var = _fused_statistics(x, axes, groups, centre)
     return normalize(x, mean, var, eps, scale, bias), mean, var
 
 
-def _normalize_fused_jvp(axes, groups, eps, centre, primals, tangents):
+def _pallas_rows(x, axes, groups, scale, bias) -> bool:
+    """Whether this call is one the Pallas row kernel computes: statistics over trailing dims (layer/RMS norm),
+    float32/bfloat16/float16 x, and a scale and bias (if any) over exactly those dims."""
+    k = x.ndim - len(axes)
+    if groups is not None or not axes or tuple(sorted(axes)) != tuple(range(k, x.ndim)) or k == 0:
+        return False
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    return all(p is None or (all(d == 1 for d in p.shape[:k]) and tuple(p.shape[k:]) == tuple(x.shape[k:]))
+               for p in (scale, bias))
+
+
+def _pallas_forward(x, axes, eps, centre, scale, bias, *, interpret):
+    k = x.ndim - len(axes)
+    rows, cols = int(np.prod(x.shape[:k])), int(np.prod(x.shape[k:]))
+    flat = lambda p: None if p is None else p.reshape(cols)
+    y, mean, var = kernels.row_norm_forward(x.reshape(rows, cols), flat(scale), flat(bias), eps, centre=centre,
+                                            interpret=interpret)
+    keep = tuple(x.shape[:k]) + (1,) * len(axes)
+    return y.reshape(x.shape), (mean.reshape(keep) if centre else None), var.reshape(keep)
+
+
+def _forward(x, axes, groups, eps, centre, mode, scale, bias):
+    """``(y, mean, var)``: the XLA program, or on NVIDIA GPUs with ``jaxnorm.kernels`` enabled the Pallas row
+    kernel for layer/RMS norm (``kernels.enable_pallas(interpret=True)`` runs it everywhere, interpreted)."""
+    def xla(x, scale, bias):
+        return _xla_forward(x, axes, groups, eps, centre, scale, bias)
+
+    if mode is None or not _pallas_rows(x, axes, groups, scale, bias):
+        return xla(x, scale, bias)
+    def call(interpret):
+        # the kernel computes values only: where they are differentiated (the tangent rule's primal, inside a
+        # Hessian) the XLA program's derivative stands in, so Pallas' own autodiff and batching never run
+        pallas = jax.custom_jvp(lambda x, scale, bias: _pallas_forward(x, axes, eps, centre, scale, bias,
+                                                                       interpret=interpret))
+        pallas.defjvp(lambda primals, tangents: jax.jvp(lambda *a: xla(*a), primals, tangents))
+        return pallas
+
+    if mode == "interpret":
+        return call(True)(x, scale, bias)
+    return jax.lax.platform_dependent(x, scale, bias, cuda=call(False), default=xla)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _normalize_fused(x, axes, groups, eps, centre, mode, scale, bias):
+    """``(y, mean, var)`` of ``normalize`` with x's own statistics; the derivative is ``_normalize_tangents``.
+
+    ``mode`` is ``kernels._mode()`` at the call (static: traces and caches are keyed on it)."""
+    return _forward(x, axes, groups, eps, centre, mode, scale, bias)
+
+
+def _normalize_fused_jvp(axes, groups, eps, centre, mode, primals, tangents):
     x, scale, bias = primals
-    mean, var = _fused_statistics(x, axes, groups, centre)
-    y = normalize(x, mean, var, eps, scale, bias)
+    y, mean, var = _forward(x, axes, groups, eps, centre, mode, scale, bias)
     inv = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
     # symbolic_zeros=True: an input nobody differentiates (x in a first layer, frozen params) arrives as a
     # SymbolicZero, and the map leaves its terms out; output tangents it cannot reach come back as SymbolicZero
@@ -617,7 +701,7 @@ def _normalize_tangents(axes, groups, x, mean, inv, scale, x_dot, scale_dot, bia
     # coefficients; else (layer/RMS norm) it multiplies each term of the normalized tangent (its own copy each)
     per_group = scale is None or all(scale.shape[a] == 1 for a in axes)
     xs, ms, invs, scales = (
-        iter(c) for c in jax.lax.optimization_barrier(((x,) * 3, (mean,) * 3, (inv,) * 4, (scale,) * 3))
+        iter(c) for c in cpu_barrier(((x,) * 3, (mean,) * 3, (inv,) * 4, (scale,) * 3))
     )
     sf = None if scale is None else scale.astype(dtype)
 
@@ -662,7 +746,7 @@ def _normalize_tangents(axes, groups, x, mean, inv, scale, x_dot, scale_dot, bia
         # a narrower x (bfloat16/float16): each part is rounded on its own and the parts meet behind one barrier,
         # so the transpose converts its own copy of dy for each consumer; one shared conversion made XLA:CPU write
         # dy in float32 to memory and read it back (bfloat16 batch norm's backward ~1.9x slower, measured)
-        parts = jax.lax.optimization_barrier(tuple(jnp.broadcast_to(p, x.shape).astype(x.dtype) for p in parts))
+        parts = cpu_barrier(tuple(jnp.broadcast_to(p, x.shape).astype(x.dtype) for p in parts))
         y_dot = functools.reduce(jnp.add, parts)
     return y_dot, mean_dot, var_dot
 

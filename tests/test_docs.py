@@ -14,7 +14,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PAGES = [p for p in PAGES if "_build" not in p.parts and p.name != "report.md"]
-PUBLIC = ["jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.equinox", "jaxnorm.interop", "jaxnorm.precise_bn"]
+PUBLIC = ["jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.equinox", "jaxnorm.interop", "jaxnorm.precise_bn",
+          "jaxnorm.kernels"]
 
 
 def python_blocks(page: pathlib.Path) -> list[str]:

@@ -1,0 +1,188 @@
+"""Pallas kernels for the row-wise layers (LayerNorm, RMSNorm) on GPU: opt-in until measured on one.
+
+The plain XLA program is the reference and the default everywhere. With the kernels enabled, ``layer_norm`` and
+``rms_norm`` over trailing dims compute their forward pass with :func:`row_norm_forward` (one read of x, one
+write of y, plus the per-row mean and 1/std) where the program is lowered for an NVIDIA GPU (``cuda``, through
+Pallas' Triton backend); on every other platform nothing changes. Derivatives stay the closed-form tangent map of
+the XLA path (``jax.custom_jvp``), so every transformation keeps working, forward mode and Hessians included::
+
+    import jaxnorm
+    with jaxnorm.kernels.pallas():            # or jaxnorm.kernels.enable_pallas(True)
+        y = jax.jit(lambda p, x: jaxnorm.layer_norm(p, x, normalized_shape=x.shape[-1]))(params, x)
+
+The setting is read when a function is traced: a function jitted before it changed keeps its compiled program.
+:func:`row_norm_backward` (dx and per-block dscale/dbias partials in one pass over x and dy) is the backward
+kernel; it is tested against the XLA backward but not yet used by autodiff: JAX has no public way to give a
+``custom_jvp`` rule a custom transpose that still supports Hessians (``jax.custom_derivatives.linear_call`` does
+not differentiate its residuals), and a ``custom_vjp`` would break forward mode. Both kernels run anywhere in
+Pallas' interpreter (``interpret=True``), which is how they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["enable_pallas", "pallas", "pallas_enabled", "row_norm_backward", "row_norm_forward"]
+
+_STATE = {"enabled": False, "interpret": False}
+
+
+def enable_pallas(enabled: bool = True, *, interpret: bool = False) -> None:
+    """Use the Pallas forward kernel for LayerNorm/RMSNorm over trailing dims on NVIDIA GPUs (read at trace time).
+
+    ``interpret=True`` also runs it on every other platform, in Pallas' interpreter (slow; for testing).
+    """
+    if not isinstance(enabled, bool) or not isinstance(interpret, bool):
+        raise TypeError(f"enable_pallas: `enabled` and `interpret` must be bools, got {enabled!r} and {interpret!r}.")
+    _STATE.update(enabled=enabled, interpret=interpret and enabled)
+
+
+def pallas_enabled() -> bool:
+    """Whether :func:`enable_pallas` is on."""
+    return _STATE["enabled"]
+
+
+def _mode() -> str | None:
+    """None (XLA only), "gpu" (Pallas on NVIDIA GPUs) or "interpret" (Pallas interpreted, everywhere).
+
+    The core passes it as a static argument, so every trace and cache (jit's, custom_jvp's) is keyed on it.
+    """
+    return ("interpret" if _STATE["interpret"] else "gpu") if _STATE["enabled"] else None
+
+
+@contextlib.contextmanager
+def pallas(enabled: bool = True, *, interpret: bool = False) -> Iterator[None]:
+    """:func:`enable_pallas` for the duration of a ``with`` block (functions traced inside it)."""
+    before = dict(_STATE)
+    enable_pallas(enabled, interpret=interpret)
+    try:
+        yield
+    finally:
+        _STATE.update(before)
+
+
+def _block_rows(n_cols_padded: int) -> int:
+    """Rows per program: about 16K elements per block, between 1 and 64 rows (a power of two, as Triton needs)."""
+    return int(min(64, max(1, 2 ** int(np.log2(max(16384 // n_cols_padded, 1))))))
+
+
+def _padded(n: int) -> int:
+    return int(2 ** int(np.ceil(np.log2(max(n, 1)))))
+
+
+def _compiler_params(interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4)
+
+
+def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, var_ref, *, n_cols, eps, centre):
+    block = x_ref.shape
+    valid = jax.lax.broadcasted_iota(jnp.int32, block, 1) < n_cols
+    x = jnp.where(valid, x_ref[...].astype(jnp.float32), 0.0)
+    if centre:
+        mean = jnp.sum(x, axis=1) / n_cols
+        xc = jnp.where(valid, x - mean[:, None], 0.0)
+    else:
+        mean = jnp.zeros((block[0],), jnp.float32)
+        xc = x
+    var = jnp.sum(xc * xc, axis=1) / n_cols
+    rstd = jax.lax.rsqrt(var + eps)
+    scale = jnp.where(valid, scale_ref[...].astype(jnp.float32), 0.0)  # padded columns: never written anyway
+    y = xc * rstd[:, None] * scale + jnp.where(valid, bias_ref[...].astype(jnp.float32), 0.0)
+    y_ref[...] = y.astype(y_ref.dtype)
+    mean_ref[...] = mean
+    var_ref[...] = var
+
+
+def row_norm_forward(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float, *,
+                     centre: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LayerNorm (``centre=True``) or RMSNorm of each row of a 2-D ``x``: ``(y, mean, var)``, one read of x.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` (RMSNorm: no mean (zeros are returned), ``var`` is the
+    mean square); ``mean`` and ``var`` are float32 of shape ``(rows,)``; statistics are computed in float32 with
+    the exact two-pass formula inside the block (the row is held on chip). ``scale``/``bias`` are ``(cols,)`` or
+    None.
+    """
+    from jax.experimental import pallas as pl
+
+    rows, cols = x.shape
+    cp = _padded(cols)
+    br = _block_rows(cp)
+    scale2 = (jnp.ones((cols,), x.dtype) if scale is None else scale).reshape(1, cols)
+    bias2 = (jnp.zeros((cols,), x.dtype) if bias is None else bias).reshape(1, cols)
+    row_block, vec_block = pl.BlockSpec((br, cp), lambda i: (i, 0)), pl.BlockSpec((1, cp), lambda i: (0, 0))
+    stat_block = pl.BlockSpec((br,), lambda i: (i,))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, n_cols=cols, eps=float(eps), centre=centre),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
+                   jax.ShapeDtypeStruct((rows,), jnp.float32)),
+        grid=(pl.cdiv(rows, br),),
+        in_specs=[row_block, vec_block, vec_block],
+        out_specs=(row_block, stat_block, stat_block),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="jaxnorm_layer_norm_fwd" if centre else "jaxnorm_rms_norm_fwd",
+    )(x, scale2, bias2)
+
+
+def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, n_rows,
+                     n_cols, centre):
+    from jax.experimental import pallas as pl
+
+    block = x_ref.shape
+    row = pl.program_id(0) * block[0] + jax.lax.broadcasted_iota(jnp.int32, block, 0)
+    valid = (jax.lax.broadcasted_iota(jnp.int32, block, 1) < n_cols) & (row < n_rows)
+    x = jnp.where(valid, x_ref[...].astype(jnp.float32), 0.0)
+    dy = jnp.where(valid, dy_ref[...].astype(jnp.float32), 0.0)
+    rstd = rstd_ref[...][:, None]
+    # padded columns and rows past the end hold undefined values (NaN in the interpreter): mask every operand
+    xhat = jnp.where(valid, ((x - mean_ref[...][:, None]) if centre else x) * rstd, 0.0)
+    g = dy * jnp.where(valid, scale_ref[...].astype(jnp.float32), 0.0)
+    c1 = jnp.sum(g * xhat, axis=1, keepdims=True) / n_cols
+    dx = g - xhat * c1
+    if centre:
+        dx = dx - jnp.sum(g, axis=1, keepdims=True) / n_cols
+    dx_ref[...] = (dx * rstd).astype(dx_ref.dtype)
+    dscale_ref[...] = jnp.sum(dy * xhat, axis=0, keepdims=True)
+    dbias_ref[...] = jnp.sum(dy, axis=0, keepdims=True)
+
+
+def row_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array | None, *,
+                      centre: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dx, dscale, dbias)`` of :func:`row_norm_forward` for the output cotangent ``dy``, one pass over x and dy.
+
+    Each program writes its rows of dx and its block's partial sums of ``dy * xhat`` and ``dy`` (float32,
+    ``(blocks, cols)``); the partials are summed afterwards (a small reduction). ``mean`` is the forward's and
+    ``rstd = 1 / sqrt(var + eps)`` from its ``var``. ``dbias`` is returned for RMSNorm too (the gradient of a
+    bias, if there is one).
+    """
+    from jax.experimental import pallas as pl
+
+    rows, cols = x.shape
+    cp = _padded(cols)
+    br = _block_rows(cp)
+    blocks = pl.cdiv(rows, br)
+    scale2 = (jnp.ones((cols,), x.dtype) if scale is None else scale).reshape(1, cols)
+    row_block, vec_block = pl.BlockSpec((br, cp), lambda i: (i, 0)), pl.BlockSpec((1, cp), lambda i: (0, 0))
+    stat_block, partial_block = pl.BlockSpec((br,), lambda i: (i,)), pl.BlockSpec((1, cp), lambda i: (i, 0))
+    dx, dscale, dbias = pl.pallas_call(
+        functools.partial(_backward_kernel, n_rows=rows, n_cols=cols, centre=centre),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((blocks, cols), jnp.float32),
+                   jax.ShapeDtypeStruct((blocks, cols), jnp.float32)),
+        grid=(blocks,),
+        in_specs=[row_block, row_block, stat_block, stat_block, vec_block],
+        out_specs=(row_block, partial_block, partial_block),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="jaxnorm_layer_norm_bwd" if centre else "jaxnorm_rms_norm_bwd",
+    )(x, dy, mean, rstd, scale2)
+    return dx, jnp.sum(dscale, axis=0), jnp.sum(dbias, axis=0)
