@@ -184,5 +184,5 @@ def row_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Ar
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="jaxnorm_layer_norm_bwd" if centre else "jaxnorm_rms_norm_bwd",
-    )(x, dy, mean, rstd, scale2)
+    )(x, dy, mean.astype(jnp.float32), rstd.astype(jnp.float32), scale2)
     return dx, jnp.sum(dscale, axis=0), jnp.sum(dbias, axis=0)
