@@ -126,7 +126,8 @@ def _torch_modules(state_dict: Mapping[str, Any]) -> dict[str, dict[str, tuple[i
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
-        modules.setdefault(prefix, {})[leaf] = tuple(np.shape(_to_numpy(value)))
+        shape = value.shape if hasattr(value, "shape") else np.shape(value)  # no copy off an accelerator
+        modules.setdefault(prefix, {})[leaf] = tuple(int(d) for d in shape)
     return modules
 
 
@@ -158,9 +159,12 @@ def _flax_modules(model: Any, args: tuple, kwargs: dict) -> dict[str, dict[str, 
             children(context.module, "")
         return out
 
+    kwargs = dict(kwargs)
+    rngs = kwargs.pop("rngs", jax.random.key(0))  # e.g. rngs={"params": key, "dropout": key} for dropout
+
     def init():
         with nn.intercept_methods(record):
-            return model.init(jax.random.key(0), *args, **kwargs)
+            return model.init(rngs, *args, **kwargs)
 
     shapes = jax.eval_shape(init)  # traces only: nothing is computed
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -198,13 +202,14 @@ def derive_names(state_dict: Mapping[str, Any], model: Any, *args: Any, names: M
                  kinds: Mapping[str, str] | None = None, **init_kwargs: Any) -> dict[str, str]:
     """The ``names`` mapping for :func:`torch_to_flax` / :func:`flax_to_torch`, derived by order.
 
-    ``model`` is a Flax linen module and ``args``/``init_kwargs`` a sample call (``model.init`` is traced with
-    them; nothing is computed). The i-th torch module of ``state_dict`` that holds parameters or buffers is paired
-    with the i-th Flax module that holds variables, and each pair must agree in kind (norm, linear, conv) and in
-    every converted shape. Flax modules are taken in declaration order: the order of the ``setup`` assignments,
-    or of creation in a ``@compact`` method. ``names`` fixes some pairs by hand; the rest are paired by order.
-    Flax modules whose variables interop does not convert (no kernel, scale, bias, mean or var) are left out.
-    Raises ``ValueError`` naming the first pair that does not match.
+    ``model`` is a Flax linen module and ``args``/``init_kwargs`` a sample call: ``model.init`` is traced with
+    them (nothing is computed), with ``rngs=`` from ``init_kwargs`` if given, else ``jax.random.key(0)``. The
+    i-th torch module of ``state_dict`` that holds parameters or buffers is paired with the i-th Flax module that
+    holds variables, and each pair must agree in kind (norm, linear, conv) and in every converted shape. Flax
+    modules are taken in declaration order: the order of the ``setup`` assignments, or of creation in a
+    ``@compact`` method. ``names`` fixes some pairs by hand; the rest are paired by order. Flax modules whose
+    variables interop does not convert (no kernel, scale, bias, mean or var) are left out. Raises ``ValueError``
+    naming the first pair that does not match.
     """
     kinds, fixed = dict(kinds or {}), dict(names or {})
     torch_modules, flax_modules = _torch_modules(state_dict), _flax_modules(model, args, init_kwargs)

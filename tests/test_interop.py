@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,19 @@ def test_pytorch_cnn_end_to_end():
     for key, value in tm.state_dict().items():
         np.testing.assert_allclose(after[key], value.numpy(), atol=2e-5, rtol=1e-5, err_msg=key)
     assert int(new["batch_stats"]["BatchNorm_0"]["count"]) == int(tm.bn.num_batches_tracked) == 1
+
+
+def test_derive_names_passes_rngs_to_init():
+    """``rngs=`` reaches ``model.init`` (a model with dropout in training mode, given its own dropout key)."""
+
+    class WithDropout(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=False)(nn.Dense(4)(x))
+
+    sd = {"fc.weight": np.ones((4, 3)), "fc.bias": np.ones(4)}
+    with pytest.raises(flax.errors.InvalidRngError):  # not a key: the argument really reaches init
+        interop.derive_names(sd, WithDropout(), jnp.zeros((2, 3)), rngs="not a key")
+    key = jax.random.key(0)
+    assert interop.derive_names(sd, WithDropout(), jnp.zeros((2, 3)), rngs={"params": key, "dropout": key}) == {
+        "fc": "Dense_0"}
