@@ -104,7 +104,8 @@ def test_kernel_applies_to_trailing_rows_only():
     """Batch, instance and group norm (and layer norm over non-trailing axes) never take the row kernel."""
     x = jnp.ones((4, 6, 8), jnp.float32)
     with kernels.pallas(interpret=True):
-        for f in (lambda x: jaxnorm.batch_norm({}, jaxnorm.batch_norm_init(8, affine=False)[1], x, training=True, axis=-1),
+        stats = jaxnorm.batch_norm_init(8, affine=False)[1]
+        for f in (lambda x: jaxnorm.batch_norm({}, stats, x, training=True, axis=-1),
                   lambda x: jaxnorm.group_norm({}, x, num_groups=2, axis=-1),
                   lambda x: jaxnorm.layer_norm({}, x, reduction_axes=(0, 1), feature_axes=(2,)),
                   lambda x: jaxnorm.layer_norm({}, x.astype(jnp.float64), normalized_shape=8)):  # no float64 kernel
