@@ -10,6 +10,7 @@ PyTorch's ``spectral_norm`` and Flax's ``SpectralNorm`` do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,13 +63,16 @@ def spectral_norm(
     mat = _matrix(w, ax).astype(dtype)
     const = jax.lax.stop_gradient(mat)
     u = jax.lax.stop_gradient(u.astype(dtype))
+    # full float32 products: the default precision is TF32 on NVIDIA GPUs (bfloat16 passes on TPUs), which moves
+    # sigma by ~1e-3 relative; these are matrix-vector products, bound by reading w, so the precision is free
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
     for _ in range(n_steps):
-        v = _l2_normalize(const @ u, None, eps)
-        u = _l2_normalize(v @ const, None, eps)
+        v = _l2_normalize(dot(const, u), None, eps)
+        u = _l2_normalize(dot(v, const), None, eps)
     if n_steps == 0 or torch_order:
-        v = _l2_normalize(const @ u, None, eps)
+        v = _l2_normalize(dot(const, u), None, eps)
     u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
-    sigma = v @ mat @ u
+    sigma = dot(v, dot(mat, u))
     w_bar = w.astype(dtype) / jnp.where(sigma != 0, sigma, 1)
     return w_bar.astype(w.dtype), u, sigma
 

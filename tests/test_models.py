@@ -28,6 +28,14 @@ tnn = torch.nn
 MODEL_TOL = tol("float32", "model")
 
 
+@pytest.fixture(autouse=True)
+def float32_products():
+    """The Flax twins' convolutions and matmuls in full float32, as PyTorch's on the CPU: on NVIDIA GPUs JAX's
+    default is TF32 (about 1e-3 relative per product), which is the models' precision, not the norm layers'."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def torchvision_models():
     try:
         return models.torchvision_models()

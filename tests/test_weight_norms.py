@@ -42,6 +42,19 @@ def test_sigma_converges_to_the_largest_singular_value():
     np.testing.assert_allclose(sigma_t, top, rtol=1e-10)
 
 
+def test_spectral_norm_products_are_float32_on_every_backend():
+    """Every product of the power iteration and of sigma asks for full float32 precision, so an NVIDIA GPU (TF32 by
+    default) or a TPU (bfloat16 passes) gives the CPU's sigma; checked in the CUDA lowering, also under a lower
+    global default."""
+    w, u = jnp.ones((5, 4), jnp.float32), jnp.ones((4,), jnp.float32)
+    f = lambda w, u: jaxnorm.spectral_norm(w, u, n_steps=2, torch_order=True)
+    with jax.default_matmul_precision("tensorfloat32"):
+        text = jax.jit(f).trace(w, u).lower(lowering_platforms=("cuda",)).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) == 7, dots  # 2 steps x 2 products, torch_order's last v, and sigma's two
+    assert all("precision = [HIGHEST, HIGHEST]" in line for line in dots), dots
+
+
 def test_weight_norm_is_the_normalized_direction_times_scale():
     v = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 5)))
     g = jnp.asarray(np.random.default_rng(2).normal(size=(5,)))
