@@ -1,6 +1,12 @@
-"""benchmark: jaxnorm vs flax.linen vs PyTorch (CPU), forward (train, eval) and forward+backward.
+"""benchmark: jaxnorm vs flax.linen vs PyTorch, forward (train, eval) and forward+backward, on JAX's backend.
 
 Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--quick] [--out results]``
+         On a GPU (JAX's default backend not the CPU) it also runs the large bfloat16 cases (``LARGE_CASES``),
+         PyTorch on CUDA (eager, cuDNN where PyTorch uses it), jaxnorm with its Pallas row kernels for
+         LayerNorm/RMSNorm (NVIDIA GPUs), and times each sample as several calls queued back to back (about 2 ms)
+         and one synchronization. Every run reports achieved GB/s by the pass model (forward: read x, write y;
+         forward+backward: read x, write y, read x and dy, write dx) as a percentage of the device's copy
+         bandwidth, measured in the same run (the faster of a jitted ``x * a + b`` and torch's ``copy_``).
          ``python -m experiments benchmark --model resnet18 [--runs 15] [--quick]``: whole-model training steps
          per second (ResNet-18, 64x64 images, batch 32, SGD with momentum) with jaxnorm's BatchNorm vs
          ``flax.linen.BatchNorm`` in the same Flax model vs torchvision's resnet18 in PyTorch, plus eval; all three
@@ -8,8 +14,9 @@ Command: ``python -m experiments benchmark [--runs 15] [--cases BN2d-a,LN] [--qu
 Runtime: a few minutes on a 2-core CPU (``--quick``: tiny shapes, seconds; the test suite's smoke run).
 For each case, in one process and on the same data: median milliseconds of >= ``--runs`` timed calls after a
 warm-up, interleaved round-robin across implementations, each after a short idle gap and an untimed call
-(``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes; the output's cotangent
-a runtime argument of the jitted forward+backward, as in training), for jaxnorm
+(``block_until_ready``; torch with all threads and ``torch.no_grad`` for the forward passes; the forward+backward
+returns y, the statistics' update, dparams and dx, with the output's cotangent a runtime argument, as in
+training), for jaxnorm
 channels-last, jaxnorm NCHW, flax.linen (channels-last) and torch (NCHW) if installed; the XLA floor (one jitted
 ``x * a + b`` over the same tensor); and the compiled forward+backward programs' memory (temp + output bytes from
 ``memory_analysis()``) for jaxnorm and Flax. Ratios are medians of per-round ratios. Writes ``benchmark.json``
@@ -39,6 +46,16 @@ CASES = {
     "RMSNorm 4096x768": ("rms", (4096, 768), "float32", {}),
     "BN2d bf16 32x64x56x56": ("bn", (32, 64, 56, 56), "bfloat16", {}),
 }
+# realistic accelerator shapes (bf16), run by default where JAX's backend is not the CPU (select them on the CPU
+# with --cases): transformer rows, a ResNet stem's BatchNorm (NHWC) and a diffusion UNet's GroupNorm
+LARGE_CASES = {
+    "LN bf16 16384x4096": ("ln", (16384, 4096), "bfloat16", {}),
+    "LN bf16 4096x8192": ("ln", (4096, 8192), "bfloat16", {}),
+    "RMSNorm bf16 16384x4096": ("rms", (16384, 4096), "bfloat16", {}),
+    "RMSNorm bf16 4096x8192": ("rms", (4096, 8192), "bfloat16", {}),
+    "BN2d bf16 256x64x56x56": ("bn", (256, 64, 56, 56), "bfloat16", {}),
+    "GN(32) bf16 32x512x64x64": ("gn", (32, 512, 64, 64), "bfloat16", {"groups": 32}),
+}
 QUICK_SHAPES = {"bn": [(4, 3, 5, 5), (8, 6)], "ln": [(8, 6)], "gn": [(2, 8, 3, 3)], "in": [(2, 3, 4, 4)],
                 "rms": [(8, 6)]}
 
@@ -47,7 +64,7 @@ SETTLE_S = 0.03  # idle time between implementations (see _interleaved_times)
 
 
 def _interleaved_times(fns: dict[str, tuple[Callable[[], object], Callable[[object], object]]], runs: int,
-                       settle: float = SETTLE_S) -> dict[str, list[float]]:
+                       settle: float = SETTLE_S, target_ms: float = 0.0) -> dict[str, list[float]]:
     """Milliseconds of ``runs`` timed calls of each ``(fn, sync)``, after two warm-up calls (compile).
 
     The calls are interleaved round-robin (one call of every function per round), so a slow phase of a shared
@@ -58,10 +75,18 @@ def _interleaved_times(fns: dict[str, tuple[Callable[[], object], Callable[[obje
     while a torch call right after an idle gap pays for waking its sleeping workers (a 64x10 batch norm: 0.16 ms
     back to back, 0.74 ms after 30 ms idle). The untimed call wakes each framework's threads, as in a training
     loop, and the gap keeps one framework's spinning threads off the next one's cores.
+
+    ``target_ms > 0`` (accelerators, where one call can take tens of microseconds, close to the cost of a launch
+    and a synchronization): each timed sample is ``reps`` calls queued back to back and one synchronization,
+    divided by ``reps``, with ``reps`` chosen per function so a sample lasts about ``target_ms``.
     """
-    for fn, sync in fns.values():
+    reps = {}
+    for key, (fn, sync) in fns.items():
         sync(fn())
+        start = time.perf_counter()
         sync(fn())
+        once = (time.perf_counter() - start) * 1e3
+        reps[key] = 1 if target_ms <= 0 else int(min(1000, max(1, round(target_ms / max(once, 1e-3)))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for key, (fn, sync) in fns.items():
@@ -69,17 +94,29 @@ def _interleaved_times(fns: dict[str, tuple[Callable[[], object], Callable[[obje
                 time.sleep(settle)
             sync(fn())
             start = time.perf_counter()
-            sync(fn())
-            times[key].append((time.perf_counter() - start) * 1e3)
+            out = None
+            for _ in range(reps[key]):
+                out = fn()
+            sync(out)
+            times[key].append((time.perf_counter() - start) * 1e3 / reps[key])
     return times
 
 
 def _jax_fns(layer: str, shape, dtype, extra, impl: str):
-    """(fwd_train, fwd_eval, fwd_bwd, args) for impl in {'jaxnorm', 'jaxnorm_nchw', 'flax'}."""
+    """(fwd_train, fwd_eval, fwd_bwd, args) for impl in {'jaxnorm', 'jaxnorm_nchw', 'jaxnorm_pallas', 'flax'}.
+
+    ``jaxnorm_pallas``: channels-last jaxnorm traced with ``jaxnorm.kernels`` enabled (the Pallas row kernel on
+    NVIDIA GPUs; in Pallas' interpreter elsewhere, for the smoke test only). Flax computes in the input's dtype
+    (``dtype=``), so every implementation reads and writes the same bytes (by default Flax would write float32 for
+    a bfloat16 input, its float32 parameters promoting the output).
+    """
+    import contextlib
+
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from jaxnorm import kernels
     from jaxnorm import linen as jl
 
     nchw = impl == "jaxnorm_nchw"
@@ -89,20 +126,21 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
     x = jax.random.normal(key, xshape, jnp.float32).astype(dtype) * 2 + 1
     g = jax.random.normal(jax.random.key(1), xshape, jnp.float32).astype(dtype)
     flax = impl == "flax"
+    fx = {"dtype": jnp.dtype(dtype)}
     if layer == "bn":
-        module = nn.BatchNorm(axis=channel_axis, momentum=0.9) if flax else jl.BatchNorm(axis=channel_axis)
+        module = nn.BatchNorm(axis=channel_axis, momentum=0.9, **fx) if flax else jl.BatchNorm(axis=channel_axis)
     elif layer == "in":
-        module = nn.InstanceNorm(use_scale=False, use_bias=False, feature_axes=channel_axis) if flax else \
+        module = nn.InstanceNorm(use_scale=False, use_bias=False, feature_axes=channel_axis, **fx) if flax else \
             jl.InstanceNorm(axis=channel_axis)
     elif layer == "gn":
-        module = nn.GroupNorm(num_groups=extra["groups"], reduction_axes=None) if flax else \
+        module = nn.GroupNorm(num_groups=extra["groups"], reduction_axes=None, **fx) if flax else \
             jl.GroupNorm(num_groups=extra["groups"], axis=channel_axis)
         if flax and nchw:
             raise ValueError("flax GroupNorm is channels-last only")
     elif layer == "ln":
-        module = nn.LayerNorm(epsilon=1e-5) if flax else jl.LayerNorm()
+        module = nn.LayerNorm(epsilon=1e-5, **fx) if flax else jl.LayerNorm()
     else:
-        module = nn.RMSNorm(epsilon=1e-6) if flax else jl.RMSNorm(epsilon=1e-6)
+        module = nn.RMSNorm(epsilon=1e-6, **fx) if flax else jl.RMSNorm(epsilon=1e-6)
     stateful = layer == "bn"
     kw_train = {"use_running_average": False} if stateful else {}
     kw_eval = {"use_running_average": True} if stateful else {}
@@ -114,17 +152,32 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
     fwd_train = jax.jit(lambda v, x: module.apply(v, x, **kw_train, **mut))
     fwd_eval = jax.jit(lambda v, x: module.apply(v, x, **kw_eval))
 
-    def loss(params, x, g):  # g (the output's cotangent) is an argument, as in training: were it a constant
-        # closed over by the jitted function, XLA would fold work that depends on dy alone (sum(dy) for dbias)
-        # into the compiled program and leave it out of the timing
+    def forward(params, x):
         out = module.apply({**variables, "params": params}, x, **kw_train, **mut)
-        y = out[0] if stateful else out
-        return jnp.sum((y * g).astype(jnp.float32))
+        return (out[0], out[1]) if stateful else (out, None)
 
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    @jax.jit
+    def fwd_bwd(params, x, g):
+        # a training step's share: y (which the next layer reads) and the batch statistics' update, then dparams
+        # and dx for the output's cotangent g. g is an argument, as in training: were it a constant closed over by
+        # the jitted function, XLA would fold work that depends on dy alone (sum(dy) for dbias) into the compiled
+        # program and leave it out of the timing
+        y, vjp, updates = jax.vjp(forward, params, x, has_aux=True)
+        return y, updates, vjp(g)
+
     params = variables.get("params", {})
-    return (lambda: fwd_train(variables, x)), (lambda: fwd_eval(variables, x)), (lambda: fwd_bwd(params, x, g)), \
-        (fwd_bwd, params, x, g)
+    if impl == "jaxnorm_pallas":
+        interpret = jax.default_backend() != "gpu"
+        context = lambda: kernels.pallas(interpret=interpret)  # read when each function is traced (first call)
+    else:
+        context = contextlib.nullcontext
+
+    def call(f, *args):
+        with context():
+            return f(*args)
+
+    return (lambda: call(fwd_train, variables, x)), (lambda: call(fwd_eval, variables, x)), \
+        (lambda: call(fwd_bwd, params, x, g)), (fwd_bwd, params, x, g, context)
 
 
 def _floor(shape, dtype):
@@ -137,16 +190,38 @@ def _floor(shape, dtype):
     return lambda: f(x, a, b)
 
 
-def _torch_fns(layer, shape, dtype, extra):
+def _torch_device() -> str:
+    """PyTorch's device for the benchmark: CUDA where JAX runs on a GPU and torch sees one, else the CPU."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync(device: str) -> Callable[[object], object]:
+    import torch
+
+    if device == "cpu":
+        return lambda out: out
+
+    def sync(out):
+        torch.cuda.synchronize()
+        return out
+
+    return sync
+
+
+def _torch_fns(layer, shape, dtype, extra, device="cpu"):
     import torch
 
     tdtype = getattr(torch, dtype)
-    x = (torch.randn(shape) * 2 + 1).to(tdtype)
-    g = torch.randn(shape).to(tdtype)
+    x = (torch.randn(shape) * 2 + 1).to(device=device, dtype=tdtype)
+    g = torch.randn(shape).to(device=device, dtype=tdtype)
     c = shape[1] if layer != "ln" and layer != "rms" else shape[-1]
     module = {"bn": lambda: (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c),
               "in": lambda: torch.nn.InstanceNorm2d(c), "gn": lambda: torch.nn.GroupNorm(extra["groups"], c),
-              "ln": lambda: torch.nn.LayerNorm(c), "rms": lambda: torch.nn.RMSNorm(c, eps=1e-6)}[layer]().to(tdtype)
+              "ln": lambda: torch.nn.LayerNorm(c), "rms": lambda: torch.nn.RMSNorm(c, eps=1e-6)}[layer]()
+    module = module.to(device=device, dtype=tdtype)
 
     def fwd(train):
         module.train(train)
@@ -163,40 +238,83 @@ def _torch_fns(layer, shape, dtype, extra):
     return (lambda: fwd(True)), (lambda: fwd(False)), fwd_bwd
 
 
-def _memory(fwd_bwd, params, x, g) -> int:
-    stats = fwd_bwd.lower(params, x, g).compile().memory_analysis()
+def _memory(fwd_bwd, params, x, g, context) -> int:
+    with context():
+        stats = fwd_bwd.lower(params, x, g).compile().memory_analysis()
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else -1
 
 
-def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S):
+def pass_bytes(shape, dtype) -> dict[str, int]:
+    """Bytes each timed function must move at least, by the pass model: a forward reads x and writes y; a
+    forward+backward also reads x and dy and writes dx (5 tensors). Parameters and statistics are negligible."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+    return {"fwd_train": 2 * nbytes, "fwd_eval": 2 * nbytes, "fwd_bwd": 5 * nbytes}
+
+
+def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S, pallas=False, target_ms=0.0):
     import jax
 
     sync = lambda out: jax.block_until_ready(out)
     fns = {("floor", ""): (_floor(shape, dtype), sync)}
-    row = {"case": name, "shape": list(shape), "dtype": dtype}
-    for impl in ("jaxnorm", "jaxnorm_nchw", "flax"):
+    row = {"case": name, "shape": list(shape), "dtype": dtype, "bytes": pass_bytes(shape, dtype)}
+    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "flax"):
         if impl == "jaxnorm_nchw" and (len(shape) == 2 or layer in ("ln", "rms")):
             continue  # no channel axis to move
+        if impl == "jaxnorm_pallas" and not (pallas and layer in ("ln", "rms")):
+            continue  # the kernels are for the row-wise layers
         ft, fe, fb, fb_args = _jax_fns(layer, shape, dtype, extra, impl)
         fns.update({(impl, "fwd_train"): (ft, sync), (impl, "fwd_eval"): (fe, sync), (impl, "fwd_bwd"): (fb, sync)})
         row[impl] = {"fwd_bwd_bytes": _memory(*fb_args)}
     if with_torch:
         import torch
 
-        ft, fe, fb = _torch_fns(layer, shape, dtype, extra)
-        no_sync = lambda out: out
-        fns.update({("torch", "fwd_train"): (ft, no_sync), ("torch", "fwd_eval"): (fe, no_sync),
-                    ("torch", "fwd_bwd"): (fb, no_sync)})
+        device = _torch_device()
+        ft, fe, fb = _torch_fns(layer, shape, dtype, extra, device)
+        tsync = _torch_sync(device)
+        fns.update({("torch", "fwd_train"): (ft, tsync), ("torch", "fwd_eval"): (fe, tsync),
+                    ("torch", "fwd_bwd"): (fb, tsync)})
         row["torch"] = {}
+        row["torch_device"] = device
         row["torch_threads"] = torch.get_num_threads()
-    times = _interleaved_times(fns, runs, settle)
+    times = _interleaved_times(fns, runs, settle, target_ms)
     for (impl, mode), ts in times.items():
         if impl == "floor":
             row["floor"] = statistics.median(ts)
         else:
             row[impl][mode] = statistics.median(ts)
+    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "flax", "torch"):
+        if impl in row:  # achieved bandwidth by the pass model, GB/s
+            row[impl]["gbps"] = {mode: row["bytes"][mode] / row[impl][mode] / 1e6 for mode in row["bytes"]}
     row["ratios"] = ratios(row, times)
     return row
+
+
+def copy_bandwidth(nbytes: int, runs: int, with_torch: bool, target_ms: float = 0.0) -> dict:
+    """The device's measured copy bandwidth, GB/s (read + write of ``nbytes``): one jitted ``x * a + b`` in JAX
+    and ``y.copy_(x)`` in PyTorch on its device, interleaved; ``best`` is the faster, the 100% of the tables."""
+    import jax
+    import jax.numpy as jnp
+
+    n = nbytes // 4
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda x, a, b: x * a + b)
+    a, b = jnp.asarray(1.5, jnp.float32), jnp.asarray(0.5, jnp.float32)
+    fns = {"jax": (lambda: f(x, a, b), jax.block_until_ready)}
+    if with_torch:
+        import torch
+
+        device = _torch_device()
+        tx = torch.ones(n, device=device)
+        ty = torch.empty_like(tx)
+        fns["torch"] = (lambda: ty.copy_(tx), _torch_sync(device))
+    times = _interleaved_times(fns, runs, 0.0, target_ms)
+    out = {key: 2 * 4 * n / statistics.median(ts) / 1e6 for key, ts in times.items()}
+    out["best"] = max(out.values())
+    out["bytes"] = 4 * n
+    return out
 
 
 def ratios(row, times) -> dict:
@@ -212,20 +330,42 @@ def ratios(row, times) -> dict:
         best = min((p for p in ("flax", "torch") if p in row), key=lambda p: row[p][mode])
         out[f"{mode}/best_peer"] = per_round(times[("jaxnorm", mode)], times[(best, mode)])
         out[f"{mode}/floor"] = per_round(times[("jaxnorm", mode)], times[("floor", "")])
+        if "jaxnorm_pallas" in row:
+            out[f"{mode}/pallas/best_peer"] = per_round(times[("jaxnorm_pallas", mode)], times[(best, mode)])
     out["fwd_bwd_bytes/flax"] = row["jaxnorm"]["fwd_bwd_bytes"] / max(row["flax"]["fwd_bwd_bytes"], 1)
     return out
+
+
+def format_bandwidth(rows, copy: dict) -> str:
+    """Achieved GB/s by the pass model (forward 2 tensors, forward+backward 5) and % of the copy bandwidth."""
+    impls = [i for i in ("jaxnorm", "jaxnorm_pallas", "flax", "torch") if any(i in r for r in rows)]
+    names = {"jaxnorm": "jaxnorm", "jaxnorm_pallas": "jaxnorm Pallas", "flax": "flax", "torch": "torch"}
+    lines = [f"GB/s by the pass model (% of the measured copy bandwidth, {copy['best']:.0f} GB/s):", "",
+             "| case | MB | " + " | ".join(f"{names[i]} fwd" for i in impls) + " | "
+             + " | ".join(f"{names[i]} f+b" for i in impls) + " |", "|---|---|" + "---|" * (2 * len(impls))]
+    cell = lambda r, i, mode: (f"{r[i]['gbps'][mode]:.0f} ({100 * r[i]['gbps'][mode] / copy['best']:.0f}%)"
+                               if i in r else "-")
+    for r in rows:
+        mb = r["bytes"]["fwd_train"] / 2 / 1e6
+        lines.append(f"| {r['case']} | {mb:.1f} | " + " | ".join(cell(r, i, "fwd_train") for i in impls) + " | "
+                     + " | ".join(cell(r, i, "fwd_bwd") for i in impls) + " |")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"  # accelerator cases take tens of microseconds
 
 
 def format_tables(rows) -> str:
     head = ("| case | floor | jaxnorm fwd | NCHW fwd | flax fwd | torch fwd | jaxnorm eval | flax eval | torch eval "
             "| jaxnorm f+b | flax f+b | torch f+b |")
     lines = ["Milliseconds (median):", "", head, "|" + "---|" * 12]
-    get = lambda r, impl, mode: f"{r[impl][mode]:.2f}" if impl in r else "-"
+    get = lambda r, impl, mode: _ms(r[impl][mode]) if impl in r else "-"
     for r in rows:
         cells = [get(r, impl, mode) for mode, impls in (("fwd_train", ("jaxnorm", "jaxnorm_nchw", "flax", "torch")),
                                                           ("fwd_eval", ("jaxnorm", "flax", "torch")),
                                                           ("fwd_bwd", ("jaxnorm", "flax", "torch"))) for impl in impls]
-        lines.append(f"| {r['case']} | {r['floor']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['case']} | {_ms(r['floor'])} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios (jaxnorm / best peer, jaxnorm / floor; memory: jaxnorm / flax, forward+backward):", "",
               "| case | train fwd / peer | f+b / peer | eval / floor | train fwd / floor | f+b memory / flax |",
               "|---|---|---|---|---|---|"]
@@ -391,29 +531,44 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "benchmark_model.json").write_text(json.dumps(row, indent=2))
         print(format_model_table(row))
         return 0
+    import jax
+
+    backend = jax.default_backend()
+    accelerator = backend != "cpu"
     if args.quick:
         cases = {f"{layer} {'x'.join(map(str, s))}": (layer, s, "float32", {"groups": 2} if layer == "gn" else {})
                  for layer, shapes in QUICK_SHAPES.items() for s in shapes}
         runs, settle = 3, 0.0
     else:
+        every = {**CASES, **LARGE_CASES}
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in CASES]
+        unknown = [c for c in wanted if c not in every]
         if unknown:
-            parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-        cases = {k: v for k, v in CASES.items() if not wanted or k in wanted}
+            parser.error(f"unknown case(s) {unknown}; choose from {list(every)}")
+        default = every if accelerator else CASES
+        cases = {k: v for k, v in every.items() if k in wanted} if wanted else default
         runs, settle = max(args.runs, 15), SETTLE_S
+    # the Pallas row kernels: measured on NVIDIA GPUs; interpreted in the smoke test, to keep its wiring tested
+    pallas = backend == "gpu" or args.quick
+    target_ms = 2.0 if accelerator else 0.0  # accelerators: queue several calls per timed sample
+    copy_bytes = 4 << 20 if args.quick else (1 << 30 if accelerator else 64 << 20)
+    copy = copy_bandwidth(copy_bytes, runs, with_torch, target_ms)
+    print(f"copy bandwidth: {copy['best']:.1f} GB/s", flush=True)
     rows = []
     for name, (layer, shape, dtype, extra) in cases.items():
-        row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle)
+        row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle, pallas, target_ms)
         rows.append(row)
-        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.2f} ms, floor {row['floor']:.2f} ms",
+        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.3f} ms, floor {row['floor']:.3f} ms",
               flush=True)
-    import jax
-
-    meta = {"jax": jax.__version__, "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs,
-            "settle_s": settle,
-            "torch": __import__("torch").__version__ if with_torch else None}
+    device = jax.devices()[0]
+    meta = {"jax": jax.__version__, "backend": backend, "device_kind": device.device_kind,
+            "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs, "settle_s": settle,
+            "target_ms": target_ms, "copy_bandwidth_gbps": copy,
+            "torch": __import__("torch").__version__ if with_torch else None,
+            "torch_device": _torch_device() if with_torch else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(format_tables(rows))
+    print()
+    print(format_bandwidth(rows, copy))
     return 0

@@ -164,11 +164,38 @@ def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
     assert main(["benchmark", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "benchmark.json").read_text())
     assert data["rows"] and data["meta"]["runs"] == 3
+    assert data["meta"]["copy_bandwidth_gbps"]["best"] > 0 and data["meta"]["backend"] == "cpu"
     for row in data["rows"]:
         for impl in ("jaxnorm", "flax"):
             assert row[impl]["fwd_train"] > 0 and row[impl]["fwd_bwd_bytes"] > 0
+            assert row[impl]["gbps"]["fwd_bwd"] == pytest.approx(row["bytes"]["fwd_bwd"] / row[impl]["fwd_bwd"] / 1e6)
         assert set(row["ratios"]) >= {"fwd_train/best_peer", "fwd_bwd/best_peer", "fwd_eval/floor"}
-    assert "| case | floor |" in capsys.readouterr().out
+        assert row["bytes"]["fwd_bwd"] == 5 * 4 * np.prod(row["shape"])  # float32: x, y, x, dy, dx
+        # the Pallas row kernels (interpreted on the CPU) are timed for the row-wise layers only
+        assert ("jaxnorm_pallas" in row) == row["case"].startswith(("ln", "rms")), row["case"]
+    out = capsys.readouterr().out
+    assert "| case | floor |" in out and "| case | MB | jaxnorm fwd | jaxnorm Pallas fwd |" in out
+
+
+def test_benchmark_times_what_it_names():
+    """The Pallas column traces the kernel and the others do not; the forward+backward returns y, the statistics'
+    update and the gradients (a training step's share), and every implementation writes the input's dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import benchmark
+
+    for impl in ("jaxnorm", "jaxnorm_pallas", "flax"):
+        _, _, fwd_bwd, (f, params, x, g, context) = benchmark._jax_fns("ln", (8, 6), "bfloat16", {}, impl)
+        with context():
+            jaxpr = str(jax.make_jaxpr(f)(params, x, g))
+        assert ("pallas_call" in jaxpr) == (impl == "jaxnorm_pallas"), impl
+        y, updates, (dparams, dx) = fwd_bwd()
+        assert y.dtype == dx.dtype == jnp.bfloat16 and y.shape == dx.shape == x.shape, impl
+        assert updates is None and set(dparams) == {"scale", "bias"}, impl
+    _, _, fwd_bwd, _ = benchmark._jax_fns("bn", (4, 3, 2, 2), "float32", {}, "flax")
+    y, updates, _ = fwd_bwd()
+    assert set(updates["batch_stats"]) == {"mean", "var"} and y.shape == (4, 2, 2, 3)
 
 
 @pytest.mark.slow
