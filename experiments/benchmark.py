@@ -265,20 +265,35 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
             continue  # no channel axis to move
         if impl == "jaxnorm_pallas" and not (pallas and layer in ("ln", "rms")):
             continue  # the kernels are for the row-wise layers
-        ft, fe, fb, fb_args = _jax_fns(layer, shape, dtype, extra, impl)
+        try:
+            ft, fe, fb, fb_args = _jax_fns(layer, shape, dtype, extra, impl)
+            memory = _memory(*fb_args)
+            _ = [sync(f()) for f in (ft, fe, fb)]  # compiled and run once here, so a failure is caught here
+        except Exception as error:  # an optional column that fails is reported, not fatal
+            if impl in ("jaxnorm", "flax"):
+                raise
+            row.setdefault("errors", {})[impl] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"{name}: {impl} failed, left out: {row['errors'][impl][:300]}", flush=True)
+            continue
         fns.update({(impl, "fwd_train"): (ft, sync), (impl, "fwd_eval"): (fe, sync), (impl, "fwd_bwd"): (fb, sync)})
-        row[impl] = {"fwd_bwd_bytes": _memory(*fb_args)}
+        row[impl] = {"fwd_bwd_bytes": memory}
     if with_torch:
         import torch
 
         device = _torch_device()
         ft, fe, fb = _torch_fns(layer, shape, dtype, extra, device)
         tsync = _torch_sync(device)
-        fns.update({("torch", "fwd_train"): (ft, tsync), ("torch", "fwd_eval"): (fe, tsync),
-                    ("torch", "fwd_bwd"): (fb, tsync)})
-        row["torch"] = {}
-        row["torch_device"] = device
-        row["torch_threads"] = torch.get_num_threads()
+        try:
+            _ = [tsync(f()) for f in (ft, fe, fb)]
+        except Exception as error:  # e.g. a dtype PyTorch lacks a kernel for on this device
+            row.setdefault("errors", {})["torch"] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"{name}: torch failed, left out: {row['errors']['torch'][:300]}", flush=True)
+        else:
+            fns.update({("torch", "fwd_train"): (ft, tsync), ("torch", "fwd_eval"): (fe, tsync),
+                        ("torch", "fwd_bwd"): (fb, tsync)})
+            row["torch"] = {}
+            row["torch_device"] = device
+            row["torch_threads"] = torch.get_num_threads()
     times = _interleaved_times(fns, runs, settle, target_ms)
     for (impl, mode), ts in times.items():
         if impl == "floor":
@@ -555,12 +570,6 @@ def main(argv: list[str] | None = None) -> int:
     copy_bytes = 4 << 20 if args.quick else (1 << 30 if accelerator else 64 << 20)
     copy = copy_bandwidth(copy_bytes, runs, with_torch, target_ms)
     print(f"copy bandwidth: {copy['best']:.1f} GB/s", flush=True)
-    rows = []
-    for name, (layer, shape, dtype, extra) in cases.items():
-        row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle, pallas, target_ms)
-        rows.append(row)
-        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.3f} ms, floor {row['floor']:.3f} ms",
-              flush=True)
     device = jax.devices()[0]
     meta = {"jax": jax.__version__, "backend": backend, "device_kind": device.device_kind,
             "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "runs": runs, "settle_s": settle,
@@ -568,8 +577,22 @@ def main(argv: list[str] | None = None) -> int:
             "torch": __import__("torch").__version__ if with_torch else None,
             "torch_device": _torch_device() if with_torch else None}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    rows, failed = [], {}
+    for name, (layer, shape, dtype, extra) in cases.items():
+        try:
+            row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle, pallas, target_ms)
+        except Exception as error:  # one failing case must not lose the others' results
+            failed[name] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"{name}: FAILED: {failed[name][:500]}", flush=True)
+            continue
+        rows.append(row)
+        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.3f} ms, floor {row['floor']:.3f} ms",
+              flush=True)
+        # written after every case, so a run stopped by a time limit keeps what it measured
+        (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed},
+                                                            indent=2))
+    (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=2))
     print(format_tables(rows))
     print()
     print(format_bandwidth(rows, copy))
-    return 0
+    return 1 if failed else 0

@@ -177,6 +177,23 @@ def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
     assert "| case | floor |" in out and "| case | MB | jaxnorm fwd | jaxnorm Pallas fwd |" in out
 
 
+def test_benchmark_reports_a_failing_column_and_goes_on(monkeypatch):
+    """A column that cannot run (PyTorch without a kernel for a dtype on a device, a kernel that does not compile)
+    is left out of its case with the error recorded; the case's other columns are still timed."""
+    pytest.importorskip("torch")
+    from experiments import benchmark
+
+    def broken(*args, **kwargs):
+        def fail():
+            raise RuntimeError("no kernel for this dtype")
+        return fail, fail, fail
+
+    monkeypatch.setattr(benchmark, "_torch_fns", broken)
+    row = benchmark.run_case("ln 8x6", "ln", (8, 6), "float32", {}, runs=1, with_torch=True, settle=0.0)
+    assert "torch" not in row and "no kernel for this dtype" in row["errors"]["torch"]
+    assert row["jaxnorm"]["fwd_train"] > 0 and row["ratios"]["fwd_train/best_peer"] > 0  # against flax
+
+
 def test_benchmark_times_what_it_names():
     """The Pallas column traces the kernel and the others do not; the forward+backward returns y, the statistics'
     update and the gradients (a training step's share), and every implementation writes the input's dtype."""
