@@ -67,21 +67,30 @@ def pallas(enabled: bool = True, *, interpret: bool = False) -> Iterator[None]:
         _STATE.update(before)
 
 
+BLOCK_ELEMENTS = 4096  # elements per program's tile: rows of up to 4096 columns fit one tile, shorter rows share one
+MAX_PROGRAMS = 512  # backward: programs walking the rows, each writing one row of dscale/dbias partial sums
+
+
 def _block_rows(n_cols_padded: int) -> int:
-    """Rows per program: about 16K elements per block, between 1 and 64 rows (a power of two, as Triton needs)."""
-    return int(min(64, max(1, 2 ** int(np.log2(max(16384 // n_cols_padded, 1))))))
+    """Rows per tile: ``BLOCK_ELEMENTS`` elements, between 1 and 64 rows (a power of two, as Triton needs)."""
+    return int(min(64, max(1, BLOCK_ELEMENTS // n_cols_padded)))
 
 
 def _padded(n: int) -> int:
     return int(2 ** int(np.ceil(np.log2(max(n, 1)))))
 
 
-def _compiler_params(interpret: bool):
+def _compiler_params(interpret: bool, block_elements: int):
+    """Triton's parameters (their presence selects Pallas' Triton backend on NVIDIA GPUs rather than Mosaic GPU).
+
+    Warps as in Triton's layer-norm tutorial: one per 256 elements of the tile, between 1 and 8 (so 16-32 float32
+    values per thread for 4096-8192-column rows). Not yet tuned on hardware.
+    """
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=4)
+    return pltriton.CompilerParams(num_warps=int(min(8, max(1, block_elements // 256))))
 
 
 def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, var_ref, *, n_cols, eps, centre):
@@ -129,60 +138,81 @@ def row_norm_forward(x: jax.Array, scale: jax.Array | None, bias: jax.Array | No
         in_specs=[row_block, vec_block, vec_block],
         out_specs=(row_block, stat_block, stat_block),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, br * cp),
         name="jaxnorm_layer_norm_fwd" if centre else "jaxnorm_rms_norm_fwd",
     )(x, scale2, bias2)
 
 
 def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, n_rows,
-                     n_cols, centre):
+                     n_cols, centre, block_rows, tiles):
+    """One program: ``tiles`` consecutive tiles of ``block_rows`` rows, read with masked loads (x, dy, dx and the
+    statistics stay in memory, ``pl.ANY``); dx written per tile, dscale/dbias accumulated over the tiles in
+    float32 and written once, as this program's row of partial sums."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
 
-    block = x_ref.shape
-    row = pl.program_id(0) * block[0] + jax.lax.broadcasted_iota(jnp.int32, block, 0)
-    valid = (jax.lax.broadcasted_iota(jnp.int32, block, 1) < n_cols) & (row < n_rows)
-    x = jnp.where(valid, x_ref[...].astype(jnp.float32), 0.0)
-    dy = jnp.where(valid, dy_ref[...].astype(jnp.float32), 0.0)
-    rstd = rstd_ref[...][:, None]
-    # padded columns and rows past the end hold undefined values (NaN in the interpreter): mask every operand
-    xhat = jnp.where(valid, ((x - mean_ref[...][:, None]) if centre else x) * rstd, 0.0)
-    g = dy * jnp.where(valid, scale_ref[...].astype(jnp.float32), 0.0)
-    c1 = jnp.sum(g * xhat, axis=1, keepdims=True) / n_cols
-    dx = g - xhat * c1
-    if centre:
-        dx = dx - jnp.sum(g, axis=1, keepdims=True) / n_cols
-    dx_ref[...] = (dx * rstd).astype(dx_ref.dtype)
-    dscale_ref[...] = jnp.sum(dy * xhat, axis=0, keepdims=True)
-    dbias_ref[...] = jnp.sum(dy, axis=0, keepdims=True)
+    br, cp = block_rows, dscale_ref.shape[1]
+    col_ok = jax.lax.broadcasted_iota(jnp.int32, (br, cp), 1) < n_cols
+    scale = jnp.where(col_ok, scale_ref[...].astype(jnp.float32), 0.0)  # (1, cp) block: padded columns masked
+    first = pl.program_id(0) * tiles
+
+    def tile(t, sums):
+        r0 = ((first + t) * br).astype(jnp.int32)  # int32 indices, also under jax_enable_x64
+        rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (br,), 0)
+        row_ok = rows < n_rows
+        valid = col_ok & row_ok[:, None]
+        block = (pl.ds(r0, br), pl.ds(jnp.int32(0), cp))
+        x = pltriton.load(x_ref.at[block], mask=valid, other=0.0).astype(jnp.float32)
+        dy = pltriton.load(dy_ref.at[block], mask=valid, other=0.0).astype(jnp.float32)
+        rstd = pltriton.load(rstd_ref.at[pl.ds(r0, br)], mask=row_ok, other=0.0)[:, None]
+        centred = x - pltriton.load(mean_ref.at[pl.ds(r0, br)], mask=row_ok, other=0.0)[:, None] if centre else x
+        xhat = jnp.where(valid, centred * rstd, 0.0)
+        g = dy * scale
+        dx = g - xhat * (jnp.sum(g * xhat, axis=1, keepdims=True) / n_cols)
+        if centre:
+            dx = dx - jnp.sum(g, axis=1, keepdims=True) / n_cols
+        pltriton.store(dx_ref.at[block], (dx * rstd).astype(dx_ref.dtype), mask=valid)
+        return sums[0] + jnp.sum(dy * xhat, axis=0, keepdims=True), sums[1] + jnp.sum(dy, axis=0, keepdims=True)
+
+    zeros = jnp.zeros((1, cp), jnp.float32)
+    dscale, dbias = jax.lax.fori_loop(0, tiles, tile, (zeros, zeros))
+    dscale_ref[...] = dscale
+    dbias_ref[...] = dbias
 
 
 def row_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array | None, *,
-                      centre: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      centre: bool = True, interpret: bool = False,
+                      max_programs: int = MAX_PROGRAMS) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(dx, dscale, dbias)`` of :func:`row_norm_forward` for the output cotangent ``dy``, one pass over x and dy.
 
-    Each program writes its rows of dx and its block's partial sums of ``dy * xhat`` and ``dy`` (float32,
-    ``(blocks, cols)``); the partials are summed afterwards (a small reduction). ``mean`` is the forward's and
-    ``rstd = 1 / sqrt(var + eps)`` from its ``var``. ``dbias`` is returned for RMSNorm too (the gradient of a
-    bias, if there is one).
+    At most ``max_programs`` programs each walk a contiguous run of row tiles, writing dx and accumulating
+    ``dy * xhat`` and ``dy`` over their rows in float32; each writes one row of partial sums (a ``(programs,
+    cols)`` array, small next to x), summed afterwards. ``mean`` is the forward's and ``rstd = 1 / sqrt(var +
+    eps)`` from its ``var``. ``dbias`` is returned for RMSNorm too (the gradient of a bias, if there is one).
     """
     from jax.experimental import pallas as pl
 
     rows, cols = x.shape
     cp = _padded(cols)
     br = _block_rows(cp)
-    blocks = pl.cdiv(rows, br)
+    n_tiles = pl.cdiv(rows, br)
+    if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:
+        raise ValueError(f"row_norm_backward: `max_programs` must be an int >= 1, got {max_programs!r}.")
+    programs = min(n_tiles, max_programs)
+    tiles = pl.cdiv(n_tiles, programs)
+    programs = pl.cdiv(n_tiles, tiles)  # no program left without rows
     scale2 = (jnp.ones((cols,), x.dtype) if scale is None else scale).reshape(1, cols)
-    row_block, vec_block = pl.BlockSpec((br, cp), lambda i: (i, 0)), pl.BlockSpec((1, cp), lambda i: (0, 0))
-    stat_block, partial_block = pl.BlockSpec((br,), lambda i: (i,)), pl.BlockSpec((1, cp), lambda i: (i, 0))
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    vec_block, partial_block = pl.BlockSpec((1, cp), lambda i: (0, 0)), pl.BlockSpec((1, cp), lambda i: (i, 0))
     dx, dscale, dbias = pl.pallas_call(
-        functools.partial(_backward_kernel, n_rows=rows, n_cols=cols, centre=centre),
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((blocks, cols), jnp.float32),
-                   jax.ShapeDtypeStruct((blocks, cols), jnp.float32)),
-        grid=(blocks,),
-        in_specs=[row_block, row_block, stat_block, stat_block, vec_block],
-        out_specs=(row_block, partial_block, partial_block),
+        functools.partial(_backward_kernel, n_rows=rows, n_cols=cols, centre=centre, block_rows=br, tiles=tiles),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((programs, cols), jnp.float32),
+                   jax.ShapeDtypeStruct((programs, cols), jnp.float32)),
+        grid=(programs,),
+        in_specs=[whole, whole, whole, whole, vec_block],
+        out_specs=(whole, partial_block, partial_block),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, br * cp),
         name="jaxnorm_layer_norm_bwd" if centre else "jaxnorm_rms_norm_bwd",
     )(x, dy, mean.astype(jnp.float32), rstd.astype(jnp.float32), scale2)
     return dx, jnp.sum(dscale, axis=0), jnp.sum(dbias, axis=0)

@@ -45,17 +45,19 @@ def test_forward_kernel_matches_float64(shape, centre, dtype):
     np.testing.assert_allclose(var, ref_var, **tol("float32"))
 
 
+@pytest.mark.parametrize("programs", [kernels.MAX_PROGRAMS, 2], ids=["one tile each", "programs walk tiles"])
 @pytest.mark.parametrize("centre", [True, False], ids=["layer", "rms"])
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
-def test_backward_kernel_matches_the_xla_backward(shape, centre):
-    """dx, dscale and dbias in one pass (per-block partials summed after) against autodiff of the XLA layer."""
+def test_backward_kernel_matches_the_xla_backward(shape, centre, programs):
+    """dx, dscale and dbias in one pass (per-program partials summed after) against autodiff of the XLA layer;
+    with at most 2 programs each walks several tiles, the last ones partly or wholly past the end."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
     scale, bias = (jnp.asarray(rng.normal(size=shape[1]), jnp.float32) for _ in range(2))
     dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
     _, mean, var = kernels.row_norm_forward(x, scale, bias, 1e-5, centre=centre, interpret=True)
     dx, dscale, dbias = kernels.row_norm_backward(x, dy, mean, jax.lax.rsqrt(var + 1e-5), scale, centre=centre,
-                                                  interpret=True)
+                                                  interpret=True, max_programs=programs)
     params = {"scale": scale, "bias": bias}
     layer = jaxnorm.layer_norm if centre else jaxnorm.rms_norm
     _, vjp = jax.vjp(lambda p, x: layer(p, x, normalized_shape=shape[1], eps=1e-5), params, x)
