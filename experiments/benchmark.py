@@ -103,12 +103,16 @@ def _interleaved_times(fns: dict[str, tuple[Callable[[], object], Callable[[obje
 
 
 def _jax_fns(layer: str, shape, dtype, extra, impl: str):
-    """(fwd_train, fwd_eval, fwd_bwd, args) for impl in {'jaxnorm', 'jaxnorm_nchw', 'jaxnorm_pallas', 'flax'}.
+    """(fwd_train, fwd_eval, fwd_bwd, args) for impl in {'jaxnorm', 'jaxnorm_nchw', 'jaxnorm_pallas',
+    'pallas_vjp', 'flax'}.
 
     ``jaxnorm_pallas``: channels-last jaxnorm traced with ``jaxnorm.kernels`` enabled (the Pallas row kernel on
-    NVIDIA GPUs; in Pallas' interpreter elsewhere, for the smoke test only). Flax computes in the input's dtype
-    (``dtype=``), so every implementation reads and writes the same bytes (by default Flax would write float32 for
-    a bfloat16 input, its float32 parameters promoting the output).
+    NVIDIA GPUs; in Pallas' interpreter elsewhere, for the smoke test only); its backward is XLA's, as in the
+    library. ``pallas_vjp`` (LayerNorm/RMSNorm over 2-D rows only): both kernels behind a ``jax.custom_vjp``, a
+    prototype the library does not use (a custom_vjp loses forward mode), timed so that a GPU run shows what the
+    backward kernel would gain: its forward equals ``jaxnorm_pallas``'s, its forward+backward is the number to
+    compare. Flax computes in the input's dtype (``dtype=``), so every implementation reads and writes the same
+    bytes (by default Flax would write float32 for a bfloat16 input, its float32 parameters promoting the output).
     """
     import contextlib
 
@@ -166,11 +170,18 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
         return y, updates, vjp(g)
 
     params = variables.get("params", {})
-    if impl == "jaxnorm_pallas":
-        interpret = jax.default_backend() != "gpu"
+    interpret = jax.default_backend() != "gpu"
+    if impl in ("jaxnorm_pallas", "pallas_vjp"):
         context = lambda: kernels.pallas(interpret=interpret)  # read when each function is traced (first call)
     else:
         context = contextlib.nullcontext
+    if impl == "pallas_vjp":
+        rows = _kernel_pair(layer == "ln", module.epsilon, interpret)
+
+        @jax.jit
+        def fwd_bwd(params, x, g):  # noqa: F811 - the kernels' own backward replaces autodiff of the layer
+            y, vjp = jax.vjp(rows, params, x)
+            return y, None, vjp(g)
 
     def call(f, *args):
         with context():
@@ -178,6 +189,38 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
 
     return (lambda: call(fwd_train, variables, x)), (lambda: call(fwd_eval, variables, x)), \
         (lambda: call(fwd_bwd, params, x, g)), (fwd_bwd, params, x, g, context)
+
+
+def _kernel_pair(centre: bool, eps: float, interpret: bool):
+    """``f(params, x)``: LayerNorm (``centre``) or RMSNorm of 2-D rows by ``row_norm_forward``, differentiated by
+    ``row_norm_backward`` through a ``jax.custom_vjp`` (reverse mode only)."""
+    import jax
+
+    from jaxnorm import kernels
+
+    def forward(params, x):
+        return kernels.row_norm_forward(x, params["scale"], params.get("bias"), eps, centre=centre,
+                                        interpret=interpret)
+
+    @jax.custom_vjp
+    def rows(params, x):
+        return forward(params, x)[0]
+
+    def rows_fwd(params, x):
+        y, mean, var = forward(params, x)
+        return y, (params, x, mean, jax.lax.rsqrt(var + eps))
+
+    def rows_bwd(residuals, dy):
+        params, x, mean, rstd = residuals
+        dx, dscale, dbias = kernels.row_norm_backward(x, dy, mean, rstd, params["scale"], centre=centre,
+                                                      interpret=interpret)
+        grads = {"scale": dscale.astype(params["scale"].dtype)}
+        if "bias" in params:
+            grads["bias"] = dbias.astype(params["bias"].dtype)
+        return grads, dx
+
+    rows.defvjp(rows_fwd, rows_bwd)
+    return rows
 
 
 def _floor(shape, dtype):
@@ -260,10 +303,10 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
     sync = lambda out: jax.block_until_ready(out)
     fns = {("floor", ""): (_floor(shape, dtype), sync)}
     row = {"case": name, "shape": list(shape), "dtype": dtype, "bytes": pass_bytes(shape, dtype)}
-    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "flax"):
+    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "pallas_vjp", "flax"):
         if impl == "jaxnorm_nchw" and (len(shape) == 2 or layer in ("ln", "rms")):
             continue  # no channel axis to move
-        if impl == "jaxnorm_pallas" and not (pallas and layer in ("ln", "rms")):
+        if impl in ("jaxnorm_pallas", "pallas_vjp") and not (pallas and layer in ("ln", "rms") and len(shape) == 2):
             continue  # the kernels are for the row-wise layers
         try:
             ft, fe, fb, fb_args = _jax_fns(layer, shape, dtype, extra, impl)
@@ -300,7 +343,7 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
             row["floor"] = statistics.median(ts)
         else:
             row[impl][mode] = statistics.median(ts)
-    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "flax", "torch"):
+    for impl in ("jaxnorm", "jaxnorm_nchw", "jaxnorm_pallas", "pallas_vjp", "flax", "torch"):
         if impl in row:  # achieved bandwidth by the pass model, GB/s
             row[impl]["gbps"] = {mode: row["bytes"][mode] / row[impl][mode] / 1e6 for mode in row["bytes"]}
     row["ratios"] = ratios(row, times)
@@ -345,25 +388,29 @@ def ratios(row, times) -> dict:
         best = min((p for p in ("flax", "torch") if p in row), key=lambda p: row[p][mode])
         out[f"{mode}/best_peer"] = per_round(times[("jaxnorm", mode)], times[(best, mode)])
         out[f"{mode}/floor"] = per_round(times[("jaxnorm", mode)], times[("floor", "")])
-        if "jaxnorm_pallas" in row:
-            out[f"{mode}/pallas/best_peer"] = per_round(times[("jaxnorm_pallas", mode)], times[(best, mode)])
+        for impl in ("jaxnorm_pallas", "pallas_vjp"):
+            if impl in row:
+                out[f"{mode}/{impl}/best_peer"] = per_round(times[(impl, mode)], times[(best, mode)])
     out["fwd_bwd_bytes/flax"] = row["jaxnorm"]["fwd_bwd_bytes"] / max(row["flax"]["fwd_bwd_bytes"], 1)
     return out
 
 
 def format_bandwidth(rows, copy: dict) -> str:
     """Achieved GB/s by the pass model (forward 2 tensors, forward+backward 5) and % of the copy bandwidth."""
-    impls = [i for i in ("jaxnorm", "jaxnorm_pallas", "flax", "torch") if any(i in r for r in rows)]
-    names = {"jaxnorm": "jaxnorm", "jaxnorm_pallas": "jaxnorm Pallas", "flax": "flax", "torch": "torch"}
+    present = lambda names: [i for i in names if any(i in r for r in rows)]
+    fwd = present(("jaxnorm", "jaxnorm_pallas", "flax", "torch"))
+    fb = present(("jaxnorm", "jaxnorm_pallas", "pallas_vjp", "flax", "torch"))  # pallas_vjp's fwd = Pallas fwd
+    names = {"jaxnorm": "jaxnorm", "jaxnorm_pallas": "jaxnorm Pallas", "pallas_vjp": "both kernels (vjp)",
+             "flax": "flax", "torch": "torch"}
     lines = [f"GB/s by the pass model (% of the measured copy bandwidth, {copy['best']:.0f} GB/s):", "",
-             "| case | MB | " + " | ".join(f"{names[i]} fwd" for i in impls) + " | "
-             + " | ".join(f"{names[i]} f+b" for i in impls) + " |", "|---|---|" + "---|" * (2 * len(impls))]
+             "| case | MB | " + " | ".join(f"{names[i]} fwd" for i in fwd) + " | "
+             + " | ".join(f"{names[i]} f+b" for i in fb) + " |", "|---|---|" + "---|" * (len(fwd) + len(fb))]
     cell = lambda r, i, mode: (f"{r[i]['gbps'][mode]:.0f} ({100 * r[i]['gbps'][mode] / copy['best']:.0f}%)"
                                if i in r else "-")
     for r in rows:
         mb = r["bytes"]["fwd_train"] / 2 / 1e6
-        lines.append(f"| {r['case']} | {mb:.1f} | " + " | ".join(cell(r, i, "fwd_train") for i in impls) + " | "
-                     + " | ".join(cell(r, i, "fwd_bwd") for i in impls) + " |")
+        lines.append(f"| {r['case']} | {mb:.1f} | " + " | ".join(cell(r, i, "fwd_train") for i in fwd) + " | "
+                     + " | ".join(cell(r, i, "fwd_bwd") for i in fb) + " |")
     return "\n".join(lines)
 
 

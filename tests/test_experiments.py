@@ -172,7 +172,8 @@ def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
         assert set(row["ratios"]) >= {"fwd_train/best_peer", "fwd_bwd/best_peer", "fwd_eval/floor"}
         assert row["bytes"]["fwd_bwd"] == 5 * 4 * np.prod(row["shape"])  # float32: x, y, x, dy, dx
         # the Pallas row kernels (interpreted on the CPU) are timed for the row-wise layers only
-        assert ("jaxnorm_pallas" in row) == row["case"].startswith(("ln", "rms")), row["case"]
+        for impl in ("jaxnorm_pallas", "pallas_vjp"):
+            assert (impl in row) == row["case"].startswith(("ln", "rms")), (impl, row["case"])
     out = capsys.readouterr().out
     assert "| case | floor |" in out and "| case | MB | jaxnorm fwd | jaxnorm Pallas fwd |" in out
 
@@ -202,14 +203,19 @@ def test_benchmark_times_what_it_names():
 
     from experiments import benchmark
 
-    for impl in ("jaxnorm", "jaxnorm_pallas", "flax"):
+    results = {}
+    for impl in ("jaxnorm", "jaxnorm_pallas", "pallas_vjp", "flax"):
         _, _, fwd_bwd, (f, params, x, g, context) = benchmark._jax_fns("ln", (8, 6), "bfloat16", {}, impl)
         with context():
             jaxpr = str(jax.make_jaxpr(f)(params, x, g))
-        assert ("pallas_call" in jaxpr) == (impl == "jaxnorm_pallas"), impl
-        y, updates, (dparams, dx) = fwd_bwd()
+        assert jaxpr.count("pallas_call") == {"jaxnorm_pallas": 1, "pallas_vjp": 2}.get(impl, 0), impl
+        y, updates, (dparams, dx) = results[impl] = fwd_bwd()
         assert y.dtype == dx.dtype == jnp.bfloat16 and y.shape == dx.shape == x.shape, impl
         assert updates is None and set(dparams) == {"scale", "bias"}, impl
+    for impl in ("jaxnorm_pallas", "pallas_vjp"):  # the kernels compute what the XLA path does
+        for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results["jaxnorm"]), strict=True):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2,
+                                       atol=2e-2)
     _, _, fwd_bwd, _ = benchmark._jax_fns("bn", (4, 3, 2, 2), "float32", {}, "flax")
     y, updates, _ = fwd_bwd()
     assert set(updates["batch_stats"]) == {"mean", "var"} and y.shape == (4, 2, 2, 3)
