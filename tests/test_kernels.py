@@ -45,12 +45,15 @@ def test_forward_kernel_matches_float64(shape, centre, dtype):
     np.testing.assert_allclose(var, ref_var, **tol("float32"))
 
 
-@pytest.mark.parametrize("programs", [kernels.MAX_PROGRAMS, 2], ids=["one tile each", "programs walk tiles"])
+# 1 or 2 programs for 2 or 3 tiles: programs walk tiles, the last ones partly or wholly past the end
+BACKWARD_CASES = [(shape, kernels.MAX_PROGRAMS) for shape in ROW_SHAPES] + [((37, 100), 1), ((130, 64), 2)]
+
+
 @pytest.mark.parametrize("centre", [True, False], ids=["layer", "rms"])
-@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@pytest.mark.parametrize(("shape", "programs"), BACKWARD_CASES, ids=lambda v: str(v))
 def test_backward_kernel_matches_the_xla_backward(shape, centre, programs):
     """dx, dscale and dbias in one pass (per-program partials summed after) against autodiff of the XLA layer;
-    with at most 2 programs each walks several tiles, the last ones partly or wholly past the end."""
+    with 1 or 2 programs a program walks several tiles, the last ones partly or wholly past the end."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
     scale, bias = (jnp.asarray(rng.normal(size=shape[1]), jnp.float32) for _ in range(2))
