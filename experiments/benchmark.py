@@ -156,9 +156,16 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
     fwd_train = jax.jit(lambda v, x: module.apply(v, x, **kw_train, **mut))
     fwd_eval = jax.jit(lambda v, x: module.apply(v, x, **kw_eval))
 
-    def forward(params, x):
-        out = module.apply({**variables, "params": params}, x, **kw_train, **mut)
-        return (out[0], out[1]) if stateful else (out, None)
+    interpret = jax.default_backend() != "gpu"
+    if impl == "pallas_vjp":
+        rows = _kernel_pair(layer == "ln", module.epsilon, interpret)
+
+        def forward(params, x):  # the kernels' own backward replaces autodiff of the layer
+            return rows(params, x), None
+    else:
+        def forward(params, x):
+            out = module.apply({**variables, "params": params}, x, **kw_train, **mut)
+            return (out[0], out[1]) if stateful else (out, None)
 
     @jax.jit
     def fwd_bwd(params, x, g):
@@ -170,18 +177,10 @@ def _jax_fns(layer: str, shape, dtype, extra, impl: str):
         return y, updates, vjp(g)
 
     params = variables.get("params", {})
-    interpret = jax.default_backend() != "gpu"
     if impl in ("jaxnorm_pallas", "pallas_vjp"):
         context = lambda: kernels.pallas(interpret=interpret)  # read when each function is traced (first call)
     else:
         context = contextlib.nullcontext
-    if impl == "pallas_vjp":
-        rows = _kernel_pair(layer == "ln", module.epsilon, interpret)
-
-        @jax.jit
-        def fwd_bwd(params, x, g):  # noqa: F811 - the kernels' own backward replaces autodiff of the layer
-            y, vjp = jax.vjp(rows, params, x)
-            return y, None, vjp(g)
 
     def call(f, *args):
         with context():
@@ -297,6 +296,16 @@ def pass_bytes(shape, dtype) -> dict[str, int]:
     return {"fwd_train": 2 * nbytes, "fwd_eval": 2 * nbytes, "fwd_bwd": 5 * nbytes}
 
 
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def _leave_out(row: dict, impl: str, error: Exception) -> None:
+    """Record why ``impl`` is missing from ``row`` and say so."""
+    row.setdefault("errors", {})[impl] = _error_text(error)
+    print(f"{row['case']}: {impl} failed, left out: {row['errors'][impl][:300]}", flush=True)
+
+
 def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S, pallas=False, target_ms=0.0):
     import jax
 
@@ -315,8 +324,7 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
         except Exception as error:  # an optional column that fails is reported, not fatal
             if impl in ("jaxnorm", "flax"):
                 raise
-            row.setdefault("errors", {})[impl] = f"{type(error).__name__}: {error}"[:2000]
-            print(f"{name}: {impl} failed, left out: {row['errors'][impl][:300]}", flush=True)
+            _leave_out(row, impl, error)
             continue
         fns.update({(impl, "fwd_train"): (ft, sync), (impl, "fwd_eval"): (fe, sync), (impl, "fwd_bwd"): (fb, sync)})
         row[impl] = {"fwd_bwd_bytes": memory}
@@ -329,8 +337,7 @@ def run_case(name, layer, shape, dtype, extra, runs, with_torch, settle=SETTLE_S
         try:
             _ = [tsync(f()) for f in (ft, fe, fb)]
         except Exception as error:  # e.g. a dtype PyTorch lacks a kernel for on this device
-            row.setdefault("errors", {})["torch"] = f"{type(error).__name__}: {error}"[:2000]
-            print(f"{name}: torch failed, left out: {row['errors']['torch'][:300]}", flush=True)
+            _leave_out(row, "torch", error)
         else:
             fns.update({("torch", "fwd_train"): (ft, tsync), ("torch", "fwd_eval"): (fe, tsync),
                         ("torch", "fwd_bwd"): (fb, tsync)})
@@ -629,16 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = run_case(name, layer, shape, dtype, extra, runs, with_torch, settle, pallas, target_ms)
         except Exception as error:  # one failing case must not lose the others' results
-            failed[name] = f"{type(error).__name__}: {error}"[:2000]
+            failed[name] = _error_text(error)
             print(f"{name}: FAILED: {failed[name][:500]}", flush=True)
-            continue
-        rows.append(row)
-        print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.3f} ms, floor {row['floor']:.3f} ms",
-              flush=True)
+        else:
+            rows.append(row)
+            print(f"{name}: jaxnorm train fwd {row['jaxnorm']['fwd_train']:.3f} ms, floor {row['floor']:.3f} ms",
+                  flush=True)
         # written after every case, so a run stopped by a time limit keeps what it measured
         (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed},
                                                             indent=2))
-    (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=2))
     print(format_tables(rows))
     print()
     print(format_bandwidth(rows, copy))
