@@ -103,6 +103,11 @@ class Mode:
     make: Callable[[Any], tuple[Any, Any, Any]]
     call: Callable[[Any, Any, Any], tuple[Any, Any]]
     textbook: Callable[[Any, Any, Any], tuple[Any, Any]]
+    wrapper: bool = False  # a linen/NNX module over one of the core modes: declares variables, adds no math
+
+    @property
+    def core(self) -> bool:
+        return not self.wrapper
 
 
 _VALUES = {"scale": (0.5, 1.5), "bias": (-0.3, 0.4), "mean": (-0.2, 0.3), "var": (0.7, 1.6)}
@@ -280,7 +285,7 @@ def _modes():
     ]
     for name, module, shape, textbook in linen:
         call, make = _linen(module, shape)
-        modes.append(Mode(name, make, call, textbook))
+        modes.append(Mode(name, make, call, textbook, wrapper=True))
     nnx_modules = [
         ("nnx.BatchNorm", lambda: jn.BatchNorm(2), (3, 2, 2),
          lambda x, p, s: tb.batch_norm(p, s, x, training=True, **last)),
@@ -295,7 +300,7 @@ def _modes():
     ]
     for name, make_module, shape, textbook in nnx_modules:
         call, make = _nnx(make_module, shape)
-        modes.append(Mode(name, make, call, _nnx_textbook(textbook)))
+        modes.append(Mode(name, make, call, _nnx_textbook(textbook), wrapper=True))
     return modes
 
 
@@ -310,3 +315,4 @@ def _nnx_textbook(textbook):
 
 
 MODES = _modes()
+CORE_MODES = [m for m in MODES if m.core]

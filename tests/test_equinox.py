@@ -3,6 +3,7 @@ training loop, in an ensemble, and as regression tests for three equinox.nn.Batc
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +20,10 @@ from tests.tolerances import tol  # noqa: E402
 BATCH = dict(axis_name="batch", in_axes=(0, None), out_axes=(0, None))
 
 
-def _batched(model):
-    return jax.vmap(model, **BATCH)
+@eqx.filter_jit
+def _batched(model, x, state):
+    """``model`` over a batch of examples, statistics across it, in one compiled program per model structure."""
+    return jax.vmap(model, **BATCH)(x, state)
 
 
 @pytest.mark.parametrize("name", ["BatchNorm2d__16x3x5x3__default", "BatchNorm1d__16x4x3__momentum=None",
@@ -35,26 +38,27 @@ def test_batch_norm_matches_pytorch_fixture(name, dtype):
     t = tol(dtype)
     state0 = state
     for step in range(3):
-        y, state = _batched(bn)(jnp.asarray(a["x"][step]), state)
+        y, state = _batched(bn, jnp.asarray(a["x"][step]), state)
         np.testing.assert_allclose(y, a["y"][step], **t)
         stats = state.get(bn.state_index)
         np.testing.assert_allclose(stats["mean"], a["running_mean"][step], **t)
         np.testing.assert_allclose(stats["var"], a["running_var"][step], **t)
         assert int(stats["count"]) == int(a["num_batches_tracked"][step])
-    y_eval, state_after = _batched(eqx.nn.inference_mode(bn))(jnp.asarray(a["x_eval"]), state)
+    y_eval, state_after = _batched(eqx.nn.inference_mode(bn), jnp.asarray(a["x_eval"]), state)
     np.testing.assert_allclose(y_eval, a["y_eval"], **t)
     assert state_after.get(bn.state_index)["count"] == state.get(bn.state_index)["count"]  # eval: unchanged
     dy = jnp.asarray(a["dy"])
 
+    @eqx.filter_jit
     @eqx.filter_grad
-    def grads(model, x):
-        return jnp.sum(_batched(model)(x, state0)[0] * dy)
+    def grads(model_and_x):  # d/d(weight, bias) and d/dx in one program
+        model, x = model_and_x
+        return jnp.sum(jax.vmap(model, **BATCH)(x, state0)[0] * dy)
 
-    g = grads(bn, jnp.asarray(a["x"][0]))
+    g, dx = grads((bn, jnp.asarray(a["x"][0])))
     gt = tol(dtype, "grad")
     np.testing.assert_allclose(g.weight, a["dweight"], **gt)
     np.testing.assert_allclose(g.bias, a["dbias"], **gt)
-    dx = jax.grad(lambda x: jnp.sum(_batched(bn)(x, state0)[0] * dy))(jnp.asarray(a["x"][0]))
     np.testing.assert_allclose(dx, a["dx"], **gt)
 
 
@@ -65,10 +69,10 @@ def test_instance_norm_with_running_stats_matches_pytorch_fixture():
                                                         torch_momentum=0.2, dtype="float64")
     m = eqx.tree_at(lambda m: (m.weight, m.bias), m, (jnp.asarray(a["weight"]), jnp.asarray(a["bias"])))
     for step in range(3):
-        y, state = _batched(m)(jnp.asarray(a["x"][step]), state)
+        y, state = _batched(m, jnp.asarray(a["x"][step]), state)
         np.testing.assert_allclose(y, a["y"][step], **tol("float64"))
         np.testing.assert_allclose(state.get(m.state_index)["var"], a["running_var"][step], **tol("float64"))
-    y, _ = _batched(eqx.nn.inference_mode(m))(jnp.asarray(a["x_eval"]), state)
+    y, _ = _batched(eqx.nn.inference_mode(m), jnp.asarray(a["x_eval"]), state)
     np.testing.assert_allclose(y, a["y_eval"], **tol("float64"))
 
 
@@ -76,15 +80,20 @@ def test_stateless_layers_equal_the_functional_core():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(5, 6, 4, 3)) * 2 + 1)  # a batch of (C=6, H, W) examples
     ln = je.LayerNorm((4, 3), use_bias=False)
-    np.testing.assert_allclose(jax.vmap(ln)(x), jaxnorm.layer_norm({"scale": ln.weight}, x, normalized_shape=(4, 3)))
     rms = je.RMSNorm(3, eps=1e-6)
     rms = eqx.tree_at(lambda m: m.bias, rms, jnp.asarray([0.5, -1.0, 2.0]))
-    ref = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6) + jnp.asarray([0.5, -1.0, 2.0]).reshape(1, 1, 1, 3)
-    np.testing.assert_allclose(jax.vmap(rms)(x), ref, rtol=1e-12)
-    gn = je.GroupNorm(3, 6)
-    np.testing.assert_allclose(jax.vmap(gn)(x), jaxnorm.group_norm(jaxnorm.group_norm_init(3, 6), x, num_groups=3))
-    inn = je.InstanceNorm(6)
-    np.testing.assert_allclose(jax.vmap(inn)(x), jaxnorm.instance_norm({}, {}, x, training=True)[0])
+    gn, inn = je.GroupNorm(3, 6), je.InstanceNorm(6)
+
+    @jax.jit
+    def pairs(x):  # (module over the batch, the functional core or the formula), in one program
+        rms_ref = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6) + rms.bias.reshape(1, 1, 1, 3)
+        return {"LayerNorm": (jax.vmap(ln)(x), jaxnorm.layer_norm({"scale": ln.weight}, x, normalized_shape=(4, 3))),
+                "RMSNorm": (jax.vmap(rms)(x), rms_ref),
+                "GroupNorm": (jax.vmap(gn)(x), jaxnorm.group_norm(jaxnorm.group_norm_init(3, 6), x, num_groups=3)),
+                "InstanceNorm": (jax.vmap(inn)(x), jaxnorm.instance_norm({}, {}, x, training=True)[0])}
+
+    for name, (got, want) in pairs(x).items():
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
     old = je.LayerNorm(3, elementwise_affine=False)  # equinox's older switch (deprecated there) still works
     assert old.weight is None and old.bias is None
     # with a state, Equinox's calling convention returns it unchanged
@@ -116,19 +125,25 @@ def test_matches_equinox_own_layers_where_they_agree(name, dtype):
     for field in ("weight", "bias"):
         assert (getattr(ours, field) is None) == (getattr(theirs, field) is None), field
         if getattr(theirs, field) is not None:
-            assert getattr(ours, field).shape == getattr(theirs, field).shape
-            assert getattr(ours, field).dtype == getattr(theirs, field).dtype == jnp.dtype(dtype)
+            chex.assert_equal_shape([getattr(ours, field), getattr(theirs, field)])
+            chex.assert_type([getattr(ours, field), getattr(theirs, field)], dtype)
             v = jnp.asarray(rng.normal(size=getattr(theirs, field).shape), dtype)
             ours, theirs = (eqx.tree_at(lambda m, f=field: getattr(m, f), t, v) for t in (ours, theirs))
     x = jnp.asarray(rng.normal(size=(4, *shape)) + 2, dtype)
     t = dict(rtol=2e-5, atol=2e-5) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(jax.vmap(ours)(x), jax.vmap(theirs)(x), **t)
-    loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
-    g_ours, g_theirs = (eqx.filter_grad(loss)(m, x) for m in (ours, theirs))
+    (y_ours, (g_ours, dx_ours)), (y_theirs, (g_theirs, dx_theirs)) = (_value_and_grads(m, x) for m in (ours, theirs))
+    np.testing.assert_allclose(y_ours, y_theirs, **t)
     for field in ("weight", "bias"):
         if getattr(theirs, field) is not None:
             np.testing.assert_allclose(getattr(g_ours, field), getattr(g_theirs, field), **t)
-    np.testing.assert_allclose(jax.grad(loss, 1)(ours, x), jax.grad(loss, 1)(theirs, x), **t)
+    np.testing.assert_allclose(dx_ours, dx_theirs, **t)
+
+
+@eqx.filter_jit
+def _value_and_grads(model, x):
+    """The outputs on a batch, and the gradients of a loss by the parameters and by x, in one program."""
+    loss = lambda model_and_x: jnp.sum(jnp.sin(jax.vmap(model_and_x[0])(model_and_x[1])))
+    return jax.vmap(model)(x), eqx.filter_grad(loss)((model, x))
 
 
 def test_plain_momentum_is_a_type_error_and_both_conventions_are_a_value_error():
@@ -152,7 +167,7 @@ def test_training_normalizes_with_batch_statistics_equinox_659():
     """equinox#659: BatchNorm normalized training batches with the running statistics. Ours: the batch's own."""
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(3, "batch")
     x = jnp.asarray(np.random.default_rng(2).normal(size=(32, 3)) * 5 + 10, jnp.float32)
-    y, state = _batched(bn)(x, state)
+    y, state = _batched(bn, x, state)
     np.testing.assert_allclose(jnp.mean(y, 0), 0, atol=1e-5)
     np.testing.assert_allclose(jnp.var(y, 0), 1, rtol=1e-3)
 
@@ -163,7 +178,7 @@ def test_inference_before_training_is_finite_and_identity_like_equinox_955_and_1
     y = x / sqrt(1 + eps) exactly, finite."""
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(3, "batch", inference=True)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)) * 3, jnp.float32)
-    y, state2 = _batched(bn)(x, state)
+    y, state2 = _batched(bn, x, state)
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
     assert int(state2.get(bn.state_index)["count"]) == 0
@@ -225,12 +240,11 @@ def test_ensemble_under_filter_vmap_equals_each_member():
     x, _ = _circles(64)
     keys = jax.random.split(jax.random.key(1), 3)
     models, states = eqx.filter_vmap(lambda k: eqx.nn.make_with_state(_MLP)(k))(keys)
-    out, new_states = eqx.filter_vmap(lambda m, s: jax.vmap(m, **BATCH)(x, s))(models, states)
+    out, new_states = eqx.filter_jit(eqx.filter_vmap(lambda m, s: _batched(m, x, s)))(models, states)
     for i in range(3):
         pick = lambda v, i=i: v[i] if eqx.is_array(v) else v
-        o, s = jax.vmap(jax.tree.map(pick, models), **BATCH)(x, jax.tree.map(pick, states))
-        np.testing.assert_allclose(out[i], o, rtol=1e-5, atol=1e-6)
-        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), new_states, s)
+        o, s = _batched(jax.tree.map(pick, models), x, jax.tree.map(pick, states))
+        chex.assert_trees_all_close(jax.tree.map(pick, (out, new_states)), (o, s), rtol=1e-5, atol=1e-6)
 
 
 def test_flax_momentum_and_call_time_inference_equal_the_functional_core():
@@ -241,11 +255,10 @@ def test_flax_momentum_and_call_time_inference_equal_the_functional_core():
     bn, state = eqx.nn.make_with_state(je.BatchNorm)(4, "batch", flax_momentum=0.9)
     params, stats = jaxnorm.batch_norm_init(4)
     for _ in range(2):
-        y, state = _batched(bn)(x, state)
+        y, state = _batched(bn, x, state)
         y_ref, stats = jaxnorm.batch_norm(params, stats, x, training=True, momentum=0.1, running_var_unbiased=False)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.get(bn.state_index),
-                     stats)
+        chex.assert_trees_all_close(state.get(bn.state_index), stats, rtol=1e-5, atol=1e-6)
     y_eval, same = jax.vmap(lambda xi, s: bn(xi, s, inference=True), **BATCH)(x, state)
     np.testing.assert_allclose(y_eval, jaxnorm.batch_norm(params, stats, x, training=False)[0], rtol=1e-5, atol=1e-5)
     assert same is state or jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), same, state))

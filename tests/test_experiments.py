@@ -6,6 +6,7 @@ import gzip
 import json
 import struct
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +211,8 @@ def test_benchmark_times_what_it_names():
             jaxpr = str(jax.make_jaxpr(f)(params, x, g))
         assert jaxpr.count("pallas_call") == {"jaxnorm_pallas": 1, "pallas_vjp": 2}.get(impl, 0), impl
         y, updates, (dparams, dx) = results[impl] = fwd_bwd()
-        assert y.dtype == dx.dtype == jnp.bfloat16 and y.shape == dx.shape == x.shape, impl
+        chex.assert_type([y, dx], jnp.bfloat16)
+        chex.assert_shape([y, dx], x.shape)
         assert updates is None and set(dparams) == {"scale", "bias"}, impl
     for impl in ("jaxnorm_pallas", "pallas_vjp"):  # the kernels compute what the XLA path does
         for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results["jaxnorm"]), strict=True):

@@ -8,6 +8,7 @@ a state without ``count`` simply does not count batches.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def _train(model, variables, steps):
 
 
 def _close(a, b):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6), a, b)
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 @pytest.fixture(scope="module")

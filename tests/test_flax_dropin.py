@@ -7,6 +7,9 @@ outputs, updated ``batch_stats`` and the gradients with respect to x and every p
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,8 +117,8 @@ def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
     flax_mod = getattr(nn, layer)(use_fast_variance=False, **kw)
     ours = getattr(jl, layer)(**_ours_kw(layer, kw))
     extra = {"use_running_average": False} if train else {}
-    fv = flax_mod.init(jax.random.key(0), x, **extra, **call)
-    ov = ours.init(jax.random.key(0), x, **extra, **call)
+    fv = jax.jit(functools.partial(flax_mod.init, **extra, **call))(jax.random.key(0), x)
+    ov = jax.jit(functools.partial(ours.init, **extra, **call))(jax.random.key(0), x)
     # the same variable names and shapes as Flax (momentum given Flax's way: no `count`)
     assert jax.tree.map(jnp.shape, ov) == jax.tree.map(jnp.shape, fv), (ov, fv)
     params = _random_like(fv["params"], seed) if "params" in fv else {}
@@ -130,16 +133,17 @@ def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
             y, upd = module.apply(v, x, **call), {}
         return jnp.sum(y * dy), (y, upd)
 
-    (_, (fy, fupd)), fg = jax.value_and_grad(lambda p, x: loss(flax_mod, p, x), (0, 1), has_aux=True)(params, x)
-    (_, (oy, oupd)), og = jax.value_and_grad(lambda p, x: loss(ours, p, x), (0, 1), has_aux=True)(params, x)
+    grads = lambda module: jax.jit(jax.value_and_grad(lambda p, x: loss(module, p, x), (0, 1), has_aux=True))
+    (_, (fy, fupd)), fg = grads(flax_mod)(params, x)
+    (_, (oy, oupd)), og = grads(ours)(params, x)
     np.testing.assert_allclose(oy, fy, **TOL)
-    assert oy.dtype == fy.dtype
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), og, fg)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), oupd, fupd)
+    chex.assert_trees_all_equal_dtypes(oy, fy)
+    chex.assert_trees_all_close(og, fg, **TOL)
+    chex.assert_trees_all_close(oupd, fupd, **TOL)
     if train:  # and evaluation with the updated statistics
         ev = {**variables, **fupd}
-        np.testing.assert_allclose(ours.apply(ev, x, use_running_average=True),
-                                   flax_mod.apply(ev, x, use_running_average=True), **TOL)
+        evaluate = lambda module: jax.jit(functools.partial(module.apply, use_running_average=True))(ev, x)
+        np.testing.assert_allclose(evaluate(ours), evaluate(flax_mod), **TOL)
 
 
 def _nnx_pair(layer, kw, x):
@@ -183,17 +187,19 @@ def test_nnx_matches_flax_nnx_keyword_for_keyword(layer, seed):
         y = m(x, **call)
         return jnp.sum(y * dy), y
 
-    (_, fy), (fg, fgx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(flax_mod, x)
-    (_, oy), (og, ogx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ours, x)
+    grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, fy), (fg, fgx) = grads(flax_mod, x)
+    (_, oy), (og, ogx) = grads(ours, x)
     np.testing.assert_allclose(oy, fy, **TOL)
     np.testing.assert_allclose(ogx, fgx, **TOL)
     fgp, ogp = (nnx.to_pure_dict(nnx.state(g, nnx.Param)) for g in (fg, og))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ogp, fgp)
+    chex.assert_trees_all_close(ogp, fgp, **TOL)
     if layer == "BatchNorm":
         fb, ob = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (flax_mod, ours))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ob, fb)
+        chex.assert_trees_all_close(ob, fb, **TOL)
         flax_mod.eval(), ours.eval()
-        np.testing.assert_allclose(ours(x), flax_mod(x), **TOL)
+        evaluate = nnx.jit(lambda m, x: m(x))
+        np.testing.assert_allclose(evaluate(ours, x), evaluate(flax_mod, x), **TOL)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
@@ -204,7 +210,7 @@ def test_dtype_keyword_gives_flaxs_output_dtype_and_numbers(dtype, x_dtype):
         f, o = getattr(nn, layer)(dtype=dtype, use_fast_variance=False, **kw), getattr(jl, layer)(dtype=dtype, **kw)
         v = f.init(jax.random.key(0), x)
         fy, oy = f.apply(v, x), o.apply(v, x)
-        assert oy.dtype == fy.dtype == dtype
+        chex.assert_type([oy, fy], dtype)
         tol = 1e-2 if jnp.dtype(dtype) == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(np.asarray(oy, np.float64), np.asarray(fy, np.float64), rtol=tol, atol=tol)
 
@@ -337,5 +343,4 @@ def test_variable_dtypes_follow_flax_for_param_dtype_and_force_float32_reduction
         fv, x, mutable=["batch_stats"])
     oy, ou = jl.BatchNorm(flax_momentum=0.9, use_running_average=False, **kw).apply(ov, x, mutable=["batch_stats"])
     assert jax.tree.map(lambda v: v.dtype, ou) == jax.tree.map(lambda v: v.dtype, fu)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                         rtol=2e-2, atol=2e-2), ou, fu)
+    chex.assert_trees_all_close(*jax.tree.map(lambda v: v.astype(jnp.float32), (ou, fu)), rtol=2e-2, atol=2e-2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -45,9 +46,9 @@ def test_round_trip_without_torch():
     sd = _random_state_dict(np.random.default_rng(0))
     names = {"conv1": "block/Conv_0", "bn": "block/BatchNorm_0", "fc": "Dense_0", "ln2d": "LayerNorm_0"}
     v = interop.torch_to_flax(sd, names, kinds={"ln2d": "norm"})
-    assert v["params"]["block"]["Conv_0"]["kernel"].shape == (3, 3, 3, 8)
-    assert v["params"]["Dense_0"]["kernel"].shape == (6, 4)
-    assert v["batch_stats"]["block"]["BatchNorm_0"]["count"].dtype == np.int32
+    chex.assert_shape(v["params"]["block"]["Conv_0"]["kernel"], (3, 3, 3, 8))
+    chex.assert_shape(v["params"]["Dense_0"]["kernel"], (6, 4))
+    chex.assert_type(v["batch_stats"]["block"]["BatchNorm_0"]["count"], np.int32)
     np.testing.assert_array_equal(v["params"]["LayerNorm_0"]["scale"], sd["ln2d.weight"])
     back = interop.flax_to_torch(v, names, kinds={"ln2d": "norm"})
     assert sorted(back) == sorted(sd)
@@ -193,13 +194,13 @@ def test_pytorch_cnn_end_to_end():
 
     variables = jax.tree.map(jnp.asarray, interop.torch_to_flax(tm.state_dict(), NAMES))
     model = FlaxCNN()
-    ref = jax.tree.map(jnp.shape, model.init(jax.random.key(0), to_nhwc(x), train=False))
+    ref = jax.tree.map(jnp.shape, jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), to_nhwc(x)))
     assert jax.tree.map(jnp.shape, variables) == ref
 
     tm.eval()
     with torch.no_grad():
         t_eval = tm(torch.from_numpy(x)).numpy()
-    f_eval = model.apply(variables, to_nhwc(x), train=False)
+    f_eval = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, to_nhwc(x))
     np.testing.assert_allclose(f_eval, t_eval, atol=2e-5, rtol=1e-5)
 
     # one identical SGD step in training mode
@@ -217,7 +218,7 @@ def test_pytorch_cnn_end_to_end():
                                   train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean(), upd
 
-    (f_loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    (f_loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     updates, _ = tx.update(grads, tx.init(variables["params"]))
     new = {"params": optax.apply_updates(variables["params"], updates), "batch_stats": upd["batch_stats"]}
     np.testing.assert_allclose(f_loss, loss.item(), rtol=1e-5)

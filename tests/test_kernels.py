@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,8 @@ def test_forward_kernel_matches_float64(shape, centre, dtype):
     bias = jnp.asarray(rng.normal(size=shape[1]), dtype) if centre else None
     y, mean, var = kernels.row_norm_forward(x, scale, bias, 1e-5, centre=centre, interpret=True)
     ref_y, ref_mean, ref_var = _reference(x, scale, bias, 1e-5, centre)
-    assert y.dtype == x.dtype and mean.dtype == var.dtype == jnp.float32
+    chex.assert_type(y, x.dtype)
+    chex.assert_type([mean, var], jnp.float32)
     np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, **tol(dtype))
     np.testing.assert_allclose(mean, ref_mean, **tol("float32"))
     np.testing.assert_allclose(var, ref_var, **tol("float32"))
@@ -58,13 +60,18 @@ def test_backward_kernel_matches_the_xla_backward(shape, centre, programs):
     x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
     scale, bias = (jnp.asarray(rng.normal(size=shape[1]), jnp.float32) for _ in range(2))
     dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    _, mean, var = kernels.row_norm_forward(x, scale, bias, 1e-5, centre=centre, interpret=True)
-    dx, dscale, dbias = kernels.row_norm_backward(x, dy, mean, jax.lax.rsqrt(var + 1e-5), scale, centre=centre,
-                                                  interpret=True, max_programs=programs)
-    params = {"scale": scale, "bias": bias}
     layer = jaxnorm.layer_norm if centre else jaxnorm.rms_norm
-    _, vjp = jax.vjp(lambda p, x: layer(p, x, normalized_shape=shape[1], eps=1e-5), params, x)
-    ref_params, ref_dx = vjp(dy)
+
+    @jax.jit
+    def both(x, dy, scale, bias):  # the kernels' backward, and autodiff of the XLA layer, in one program
+        _, mean, var = kernels.row_norm_forward(x, scale, bias, 1e-5, centre=centre, interpret=True)
+        kernel = kernels.row_norm_backward(x, dy, mean, jax.lax.rsqrt(var + 1e-5), scale, centre=centre,
+                                           interpret=True, max_programs=programs)
+        _, vjp = jax.vjp(lambda p, x: layer(p, x, normalized_shape=shape[1], eps=1e-5), {"scale": scale,
+                                                                                           "bias": bias}, x)
+        return kernel, vjp(dy)
+
+    (dx, dscale, dbias), (ref_params, ref_dx) = both(x, dy, scale, bias)
     for got, want in ((dx, ref_dx), (dscale, ref_params["scale"]), (dbias, ref_params["bias"])):
         np.testing.assert_allclose(got, want, **tol("float32", "grad"))
 
@@ -78,14 +85,15 @@ LAYERS = {
 
 
 def _transforms(f, p, x):
+    """``f`` under each transformation, in one program (the kernel setting is read when it is traced)."""
     loss = lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-    return {
-        "jit": jax.jit(f)(p, x),
-        "grad": jax.jit(jax.grad(loss, argnums=(0, 1)))(p, x),
+    return jax.jit(lambda p, x: {
+        "values": f(p, x),
+        "grad": jax.grad(loss, argnums=(0, 1))(p, x),
         "jvp": jax.jvp(lambda x: f(p, x), (x,), (jnp.cos(x),))[1],
         "vmap": jax.vmap(lambda x: f(p, x))(x),
         "hessian": jax.hessian(lambda x: loss(p, x))(x[0, :1]),
-    }
+    })(p, x)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ def _global(params, stats, x, w):
         y, s = jaxnorm.batch_norm(p, stats, x, training=True)
         return jnp.sum(y * w), (y, s)
 
-    (_, (y, s)), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    (_, (y, s)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return y, s, g
 
 
@@ -66,9 +67,9 @@ def test_shard_map_with_axis_name_equals_global_batch(mesh):
     y, s, gp, gx = f(params, stats, x, w)
     y_ref, s_ref, (gp_ref, gx_ref) = _global(params, stats, x, w)
     np.testing.assert_allclose(y, y_ref, atol=2e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+    chex.assert_trees_all_close(s, s_ref, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(gx, gx_ref, atol=2e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), gp, gp_ref)
+    chex.assert_trees_all_close(gp, gp_ref, rtol=2e-5, atol=2e-5)
 
 
 def test_uneven_per_device_batches_with_mask_equal_the_unpadded_batch(mesh):
@@ -86,7 +87,7 @@ def test_uneven_per_device_batches_with_mask_equal_the_unpadded_batch(mesh):
     keep = np.asarray(mask[:, 0, 0])
     y_ref, s_ref = jaxnorm.batch_norm(params, stats, x[keep], training=True)
     np.testing.assert_allclose(y[keep], y_ref, atol=2e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+    chex.assert_trees_all_close(s, s_ref, rtol=2e-6, atol=1e-6)
 
 
 def test_axis_index_groups_average_within_each_group(mesh):
@@ -109,7 +110,7 @@ def test_jit_with_named_sharding_needs_no_axis_name(mesh):
     y_ref, s_ref, (gp_ref, gx_ref) = _global(params, stats, x, w)
     np.testing.assert_allclose(y, y_ref, atol=2e-6)
     np.testing.assert_allclose(gx, gx_ref, atol=2e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6), s, s_ref)
+    chex.assert_trees_all_close(s, s_ref, rtol=2e-6, atol=1e-6)
 
 
 def test_vmap_with_axis_name_over_examples():
@@ -119,7 +120,7 @@ def test_vmap_with_axis_name_over_examples():
                     axis_name="i")(x)
     y_ref, s_ref = jaxnorm.batch_norm(params, stats, x, training=True)
     np.testing.assert_allclose(y, y_ref, atol=2e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-6, atol=1e-6), s, s_ref)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], s), s_ref, rtol=2e-6, atol=1e-6)
 
 
 def test_ghost_batch_norm_equals_splitting_by_hand():
@@ -269,7 +270,7 @@ def test_axis_name_on_a_split_reduced_axis_equals_one_device(mesh, name, masked)
         return jax.lax.dynamic_slice_in_dim(w, jax.lax.axis_index("batch") * (shape[split] // N_DEV),
                                             shape[split] // N_DEV, split)
 
-    (_, y_ref), g_ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, mask)
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x, mask)
 
     def local(p, x, m):
         (_, y), (gp, gx) = jax.value_and_grad(lambda p, x: loss(p, x, m, axis_name="batch"), (0, 1),
@@ -281,7 +282,7 @@ def test_axis_name_on_a_split_reduced_axis_equals_one_device(mesh, name, masked)
                                       out_specs=(spec, P(), spec)))(params, x, mask)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx, g_ref[1], rtol=1e-4, atol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gp, g_ref[0])
+    chex.assert_trees_all_close(gp, g_ref[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(params=["gather", "psums"])
@@ -320,7 +321,7 @@ def test_both_combines_equal_one_device_with_uneven_masks_and_groups(mesh, combi
         np.testing.assert_allclose(y[keep], y_ref, atol=3e-6)
         np.testing.assert_allclose(gx[keep], gx_ref, atol=3e-5)
         device = rows[0] // 4
-        jax.tree.map(lambda a, b, d=device: np.testing.assert_allclose(a[d], b, rtol=2e-6, atol=1e-6), s, s_ref)
+        chex.assert_trees_all_close(jax.tree.map(lambda a, d=device: a[d], s), s_ref, rtol=2e-6, atol=1e-6)
         ms_ref = x[keep] / jnp.sqrt(jnp.mean(jnp.square(x[keep]), (0, 2), keepdims=True) + 1e-5)
         np.testing.assert_allclose(ms[keep], ms_ref, rtol=2e-6, atol=2e-6)
 
@@ -338,7 +339,7 @@ def test_vmap_over_many_examples_is_linear_not_quadratic():
     y, s = jax.jit(f)(x)
     y_ref, s_ref = jaxnorm.batch_norm(params, stats, x, training=True)
     np.testing.assert_allclose(y, y_ref, atol=3e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-6, atol=1e-6), s, s_ref)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], s), s_ref, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ Flax's own SpectralNorm / WeightNorm wrappers (linen and NNX)."""
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,12 +76,13 @@ def test_spectral_norm_matches_pytorch(path):
         return _torch_layer(module, x, w_bar, b), u
 
     u = jnp.asarray(a["u0"])
+    forward = jax.jit(forward)
     for step in range(3):
         y, u = forward(w, u, jnp.asarray(a["x"][step]))
         np.testing.assert_allclose(y, a["y"][step], **_tol(cfg["dtype"]), err_msg=f"y step {step}")
         np.testing.assert_allclose(u, a["u"][step], **_tol(cfg["dtype"]), err_msg=f"u step {step}")
     dy = jnp.asarray(a["dy"])
-    dw, dx = jax.grad(lambda w, x: jnp.sum(forward(w, jnp.asarray(a["u0"]), x)[0] * dy), (0, 1))(
+    dw, dx = jax.jit(jax.grad(lambda w, x: jnp.sum(forward(w, jnp.asarray(a["u0"]), x)[0] * dy), (0, 1)))(
         w, jnp.asarray(a["x"][0]))
     np.testing.assert_allclose(dw, a["dweight"], **_tol(cfg["dtype"]))
     np.testing.assert_allclose(dx, a["dx"], **_tol(cfg["dtype"]))
@@ -98,10 +100,12 @@ def test_weight_norm_matches_pytorch(path):
         return _torch_layer(module, x, w, b)
 
     v, g = jnp.asarray(a["weight"]), jnp.asarray(a["g"])
+    forward = jax.jit(forward)
     for step in range(3):
         np.testing.assert_allclose(forward(v, g, jnp.asarray(a["x"][step])), a["y"][step], **_tol(cfg["dtype"]))
     dy = jnp.asarray(a["dy"])
-    dv, dg, dx = jax.grad(lambda v, g, x: jnp.sum(forward(v, g, x) * dy), (0, 1, 2))(v, g, jnp.asarray(a["x"][0]))
+    dv, dg, dx = jax.jit(jax.grad(lambda v, g, x: jnp.sum(forward(v, g, x) * dy), (0, 1, 2)))(
+        v, g, jnp.asarray(a["x"][0]))
     np.testing.assert_allclose(dv, a["dweight"], **_tol(cfg["dtype"]))
     np.testing.assert_allclose(dg, a["dg"], **_tol(cfg["dtype"]))
     np.testing.assert_allclose(dx, a["dx"], **_tol(cfg["dtype"]))
@@ -154,15 +158,17 @@ def test_linen_spectral_norm_matches_flax(kw):
     v = flax_net.init(jax.random.key(1), x, True)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, True)) == jax.tree.map(jnp.shape, v)
     ov = v
+    flax_apply, our_apply = (jax.jit(lambda v, x, train, net=net: net.apply(v, x, train, mutable=["batch_stats"]),
+                                     static_argnums=2) for net in (flax_net, ours))
     for train in (True, True, False):
-        fy, fu = flax_net.apply(v, x, train, mutable=["batch_stats"])
-        oy, ou = ours.apply(ov, x, train, mutable=["batch_stats"])
+        fy, fu = flax_apply(v, x, train)
+        oy, ou = our_apply(ov, x, train)
         v, ov = {**v, **fu}, {**ov, **ou}
         np.testing.assert_allclose(oy, fy, rtol=1e-5, atol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ov, v)
-    gf = jax.grad(lambda p: jnp.sum(flax_net.apply({**v, "params": p}, x, False) ** 2))(v["params"])
-    go = jax.grad(lambda p: jnp.sum(ours.apply({**v, "params": p}, x, False) ** 2))(v["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), go, gf)
+        chex.assert_trees_all_close(ov, v, rtol=1e-5, atol=1e-6)
+    gf, go = (jax.jit(jax.grad(lambda p, net=net: jnp.sum(net.apply({**v, "params": p}, x, False) ** 2)))(v["params"])
+              for net in (flax_net, ours))
+    chex.assert_trees_all_close(go, gf, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{}, {"feature_axes": None}, {"variable_filter": {"kernel", "bias"}},
@@ -173,10 +179,10 @@ def test_linen_weight_norm_matches_flax(kw):
     v = flax_net.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
     v = {"params": jax.tree.map(lambda p: p + 0.5, v["params"])}
-    np.testing.assert_allclose(ours.apply(v, x), flax_net.apply(v, x), rtol=1e-5, atol=1e-6)
-    gf = jax.grad(lambda p: jnp.sum(flax_net.apply({"params": p}, x) ** 2))(v["params"])
-    go = jax.grad(lambda p: jnp.sum(ours.apply({"params": p}, x) ** 2))(v["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), go, gf)
+    np.testing.assert_allclose(jax.jit(ours.apply)(v, x), jax.jit(flax_net.apply)(v, x), rtol=1e-5, atol=1e-6)
+    gf, go = (jax.jit(jax.grad(lambda p, net=net: jnp.sum(net.apply({"params": p}, x) ** 2)))(v["params"])
+              for net in (flax_net, ours))
+    chex.assert_trees_all_close(go, gf, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["SpectralNorm", "WeightNorm"])

@@ -1,0 +1,318 @@
+"""Mutation testing: does a wrong line in jaxnorm make some fast test fail?
+
+Each mutation below changes ONE line of the library (flip a coefficient, drop a term, swap a default). The script
+copies the repository into a temporary folder once, and for each mutation writes the mutated line there, runs the
+fast tier (``-m "not slow"``, stopping at the first failure) in that copy, and restores the line. The tests named
+in a mutation's ``hint`` run first, alone; only if none of them fails does the whole fast tier run. A mutation no
+fast test kills is a gap in the suite: close it with a test, never by deleting the mutation.
+
+    python tests/mutate.py                  # every mutation, then the kill table (minutes)
+    python tests/mutate.py --sample         # the fixed sample CI runs (a minute or two)
+    python tests/mutate.py --only NAME ...  # some mutations, by name
+    python tests/mutate.py --check          # each mutation still applies to exactly one line; runs no test
+    python tests/mutate.py --list           # the mutations, one per line
+
+Exit status 0 when every mutation run was killed. The compilation cache of the test session (``.jax_cache`` at the
+repository root, see ``tests/conftest.py``) is shared with the copies, so programs a mutation leaves unchanged are
+not compiled again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    find: str  # text occurring exactly once in ``file``, within one line
+    replace: str
+    hint: tuple[str, ...]  # pytest node ids or files most likely to kill it, run first
+
+
+def M(name: str, file: str, find: str, replace: str, *hint: str) -> Mutation:  # noqa: N802 - a table constructor
+    return Mutation(name, file, find, replace, tuple(hint))
+
+
+STATS, COMBINE, TANGENTS, RUNNING = ("jaxnorm/_core.py",) * 4
+PLATFORM, CPU = "jaxnorm/_core.py", "jaxnorm/_core.py"
+T_CORE, T_FIX, T_TRANS, T_LOW = ("tests/test_core.py", "tests/test_pytorch_fixtures.py", "tests/test_transforms.py",
+                                 "tests/test_transforms.py")
+
+MUTATIONS = [
+    # ---------------------------------------------------------------- statistics numerics
+    M("one-pass kept far from zero", STATS, "(jnp.square(m) <= ONE_PASS_MAX_RATIO * var)", "(var >= 0)",
+      "tests/test_core.py::test_statistics_stay_exact_on_both_sides_of_the_one_pass_limit"),
+    M("shifted sums lose the shift's repair", STATS, "return shift + t1 / count, t2 - jnp.square(t1) / count",
+      "return shift, t2 - jnp.square(t1) / count", "tests/test_core.py::test_large_mean_small_spread_is_stable"),
+    M("masked count counts every position", STATS, "count = red(maskb.astype(dtype))",
+      "count = red(jnp.ones_like(maskb, dtype))", "tests/test_core.py::test_masked_statistics_equal_statistics_of_the_unpadded_batch"),
+    M("statistics in the input's dtype", STATS, "return jnp.promote_types(dtype, jnp.float32)", "return jnp.dtype(dtype)",
+      "tests/test_low_precision.py::test_narrow_layers_keep_float32_running_statistics"),
+    M("row statistics not centred", STATS, "m2 = jnp.sum(jnp.square(x2 - cpu_barrier(mean)), -1, keepdims=True)",
+      "m2 = jnp.sum(jnp.square(x2), -1, keepdims=True)", "tests/test_core.py::test_row_statistics_are_exact_far_from_zero"),
+    M("plain (GPU/TPU) statistics not centred", STATS, "return mean, red(jnp.square(xf - mean))",
+      "return mean, red(jnp.square(xf))", "tests/test_kernels.py::test_plain_statistics_are_exact_far_from_zero_and_branch_free"),
+    M("staged sum drops its trailing block", STATS,
+      "return jnp.sum(jnp.sum(t, rest, keepdims=True), tuple(trailing), keepdims=True)",
+      "return jnp.sum(t, rest, keepdims=True) * 1", T_FIX),
+    M("group sums repeated in the wrong order", STATS, "return jnp.repeat(s, c // g, axis=ax)",
+      "return jnp.tile(s, [c // g if i == ax else 1 for i in range(s.ndim)])", T_FIX),
+    M("RMS statistic counts masked positions", STATS,
+      "total, count = jnp.sum(jnp.where(maskb, sq, 0), axes, keepdims=True), sum_over(maskb.astype(xf.dtype), axes)",
+      "total, count = jnp.sum(jnp.where(maskb, sq, 0), axes, keepdims=True), sum_over(jnp.ones_like(sq), axes)",
+      "tests/test_transforms.py::test_every_transformation_matches_the_textbook_formula_float64"),
+    # ---------------------------------------------------------------- cross-device combination
+    M("device combine drops the between-device term", COMBINE,
+      "return total[0], mean_all[0], jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)",
+      "return total[0], mean_all[0], jnp.sum(m2s, 0)", "tests/test_sharding.py"),
+    M("linear-time combine drops the between-device term", COMBINE,
+      "return total, mean_all, group_psum(m2 + count * jnp.square(mean - mean_all), axis_name, groups)",
+      "return total, mean_all, group_psum(m2, axis_name, groups)", "tests/test_sharding.py"),
+    M("axis_index_groups ignored by the gather", COMBINE,
+      "stacked = stacked * lift(jnp.asarray(_group_membership(axis_index_groups, size), mine.dtype)[index])",
+      "stacked = stacked * 1", "tests/test_sharding.py"),
+    # ---------------------------------------------------------------- the derivative rule
+    M("tangent: mean term coefficient", TANGENTS, "terms.append(scaled(next(invs) * (-1.0 / n)) * sum_xd)",
+      "terms.append(scaled(next(invs) * (-2.0 / n)) * sum_xd)", T_TRANS),
+    M("tangent: variance term coefficient", TANGENTS,
+      "xc_coefs.append(scaled(next(invs) ** 3 * (-1.0 / n)) * sum_xdxc)",
+      "xc_coefs.append(scaled(next(invs) ** 2 * (-1.0 / n)) * sum_xdxc)", T_TRANS),
+    M("tangent: var_dot coefficient", TANGENTS, "var_dot = sum_xdxc * (2.0 / n)", "var_dot = sum_xdxc * (1.0 / n)",
+      "tests/test_core.py::test_grad_through_the_running_statistics_matches_finite_differences"),
+    M("tangent: mean_dot normalizer", TANGENTS, "mean_dot = None if mean is None else sum_xd / n",
+      "mean_dot = None if mean is None else sum_xd / (n + 1)",
+      "tests/test_core.py::test_grad_through_the_running_statistics_matches_finite_differences"),
+    M("tangent: scale term sign (per group)", TANGENTS, "xc_coefs.append(next(invs) * scale_dot.astype(dtype))",
+      "xc_coefs.append(-next(invs) * scale_dot.astype(dtype))", T_FIX),
+    M("tangent: scale term (per element)", TANGENTS, "terms.append((centred() * next(invs)) * scale_dot.astype(dtype))",
+      "terms.append((centred() * next(invs)) * scale_dot.astype(dtype) * 0.5)", T_FIX),
+    M("tangent: bias tangent doubled", TANGENTS, "terms.append(bias_dot.astype(dtype))",
+      "terms.append(2 * bias_dot.astype(dtype))", T_FIX),
+    M("tangent: bf16 parts, only the first kept", TANGENTS,
+      "parts = cpu_barrier(tuple(jnp.broadcast_to(p, x.shape).astype(x.dtype) for p in parts))",
+      "parts = cpu_barrier(tuple(jnp.broadcast_to(p, x.shape).astype(x.dtype) for p in parts[:1]))",
+      "tests/test_transforms.py::test_first_order_transformations_in_low_precision"),
+    # ---------------------------------------------------------------- the running-statistics update
+    M("running var: biased instead of unbiased", RUNNING, "batch_var = batch_var * (count / (count - 1))",
+      "batch_var = batch_var * (count / count)", T_FIX),
+    M("momentum=None: off-by-one average", RUNNING, "factor = 1.0 / new_count.astype(dtype)",
+      "factor = 1.0 / (new_count.astype(dtype) + 1)", "tests/test_core.py::test_momentum_none_is_cumulative_average"),
+    M("count steps by two", RUNNING, 'new_count = batch_stats["count"] + 1 if "count" in batch_stats else None',
+      'new_count = batch_stats["count"] + 2 if "count" in batch_stats else None', T_FIX),
+    M("momentum weights swapped", RUNNING, 'mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)',
+      'mean = factor * batch_stats["mean"] + (1 - factor) * batch_mean.astype(dtype)', T_FIX),
+    M("non-finite guard keeps the bad batch", RUNNING, "new = {k: jnp.where(ok, v, batch_stats[k]) for k, v in new.items()}",
+      "new = {k: v for k, v in new.items()}", "tests/test_variants.py::test_nonfinite_guard_keeps_statistics_and_reports_the_skip"),
+    M("non-finite guard does not count the skip", RUNNING, "jnp.where(ok, 0, 1).astype(",
+      "jnp.where(ok, 0, 0).astype(", "tests/test_variants.py::test_nonfinite_guard_keeps_statistics_and_reports_the_skip"),
+    M("instance norm: running var biased", "jaxnorm/_instance_norm.py",
+      "unbiased = var * (count / jnp.maximum(count - 1, 1))", "unbiased = var * (count / jnp.maximum(count, 1))", T_FIX),
+    M("instance norm counts batches", "jaxnorm/_instance_norm.py", 'new_stats["count"] = batch_stats["count"]  #',
+      'new_stats["count"] = new_stats["count"]  #', T_FIX),
+    # ---------------------------------------------------------------- variants
+    M("renorm: r not clipped", "jaxnorm/_variants.py", "r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))",
+      "r = jax.lax.stop_gradient(sigma_b / sigma)", "tests/test_variants.py::test_batch_renorm_matches_the_papers_algorithm"),
+    M("renorm: d gets a gradient", "jaxnorm/_variants.py",
+      "d = jax.lax.stop_gradient(jnp.clip((mean - mu) / sigma, -d_max, d_max))",
+      "d = jnp.clip((mean - mu) / sigma, -d_max, d_max)",
+      "tests/test_variants.py::test_batch_renorm_with_r1_d0_is_batch_norm_and_r_d_get_no_gradient"),
+    M("frozen: statistics get gradients", "jaxnorm/_variants.py",
+      "params, batch_stats = jax.lax.stop_gradient((params, batch_stats))", "params, batch_stats = (params, batch_stats)",
+      "tests/test_variants.py::test_frozen_batch_norm_is_torchvisions_formula_without_gradients"),
+    M("frozen: shift forgets the mean", "jaxnorm/_variants.py", 'shift = b - batch_stats["mean"].astype(dtype) * scale',
+      'shift = b - batch_stats["mean"].astype(dtype)', "tests/test_variants.py::test_frozen_batch_norm_is_torchvisions_formula_without_gradients"),
+    M("fold: bias loses beta", "jaxnorm/_variants.py", 'new_bias = (b - batch_stats["mean"].astype(dtype)) * s + beta',
+      'new_bias = (b - batch_stats["mean"].astype(dtype)) * s', "tests/test_variants.py::test_fold_equals_layer_then_eval_batch_norm"),
+    # ---------------------------------------------------------------- the wrappers' conventions
+    M("flax momentum taken as torch's", "jaxnorm/_conventions.py", "return 1.0 - float(flax_momentum)",
+      "return float(flax_momentum)", "tests/test_flax.py::test_flax_configured_batch_norm_matches_flax_linen_over_steps"),
+    M("use_running_average inverted", "jaxnorm/_conventions.py", "    return not value", "    return bool(value)",
+      "tests/test_flax.py"),
+    M("PyTorch affine defaults lost", "jaxnorm/_conventions.py", "on = default if affine is None else bool(affine)",
+      "on = True if affine is None else bool(affine)", "tests/test_flax_dropin.py::test_pytorch_defaults_kept_where_flax_differs"),
+    M("dtype keyword: no wider compute", "jaxnorm/_conventions.py", "return x if wide == x.dtype else x.astype(wide)",
+      "return x", "tests/test_flax_dropin.py::test_dtype_keyword_gives_flaxs_output_dtype_and_numbers"),
+    M("linen: flax momentum with the unbiased update", "jaxnorm/linen.py",
+      "running_var_unbiased=self.flax_momentum is None,", "running_var_unbiased=True,",
+      "tests/test_flax_dropin.py::test_linen_matches_flax_linen_keyword_for_keyword"),
+    M("nnx: count kept with flax momentum", "jaxnorm/nnx.py", "if flax_momentum is None:  # PyTorch's num_batches_tracked",
+      "if True:  # PyTorch's num_batches_tracked", "tests/test_flax_dropin.py::test_nnx_matches_flax_nnx_keyword_for_keyword"),
+    M("equinox: flax momentum with the unbiased update", "jaxnorm/equinox.py",
+      "self.running_var_unbiased = flax_momentum is None", "self.running_var_unbiased = True",
+      "tests/test_equinox.py::test_flax_momentum_and_call_time_inference_equal_the_functional_core"),
+    # ---------------------------------------------------------------- interop
+    M("interop: conv kernel axes swapped", "jaxnorm/interop.py",
+      "kernel = value.T if kind == \"linear\" else np.transpose(value, (*range(2, value.ndim), 1, 0))",
+      "kernel = value.T if kind == \"linear\" else np.transpose(value, (*range(2, value.ndim), 0, 1))",
+      "tests/test_interop.py"),
+    M("interop: dense kernel not transposed", "jaxnorm/interop.py", 'kernel = value.T if kind == "linear" else',
+      'kernel = value if kind == "linear" else', "tests/test_interop.py"),
+    M("interop: pairing by call order", "jaxnorm/interop.py",
+      "for path in [*declared, *(p for p in called if p not in declared)]:", "for path in [*called]:",
+      "tests/test_interop.py::test_derive_names_follows_setup_order_not_call_order"),
+    # ---------------------------------------------------------------- Pallas kernels (interpret mode)
+    M("kernel forward: mean over padded columns", "jaxnorm/kernels.py", "mean = jnp.sum(x, axis=1) / n_cols",
+      "mean = jnp.sum(x, axis=1) / x.shape[1]", "tests/test_kernels.py::test_forward_kernel_matches_float64"),
+    M("kernel backward: mean term dropped", "jaxnorm/kernels.py",
+      "dx = dx - jnp.sum(g, axis=1, keepdims=True) / n_cols", "dx = dx",
+      "tests/test_kernels.py::test_backward_kernel_matches_the_xla_backward"),
+    M("kernel backward: partials not accumulated over tiles", "jaxnorm/kernels.py",
+      "return sums[0] + jnp.sum(dy * xhat, axis=0, keepdims=True), sums[1] + jnp.sum(dy, axis=0, keepdims=True)",
+      "return jnp.sum(dy * xhat, axis=0, keepdims=True), sums[1] + jnp.sum(dy, axis=0, keepdims=True)",
+      "tests/test_kernels.py::test_backward_kernel_matches_the_xla_backward"),
+    # ---------------------------------------------------------------- checks
+    M("eps = 0 accepted", "jaxnorm/_core.py", "if not eps > 0:", "if not eps >= 0:", "tests/test_errors.py"),
+]
+
+# the sample CI runs on every submission: one mutation per area, each killed by its hint in seconds
+SAMPLE = ("masked count counts every position", "tangent: mean term coefficient", "running var: biased instead of unbiased",
+          "flax momentum taken as torch's")
+
+
+def _locate(m: Mutation, root: pathlib.Path) -> tuple[str, int]:
+    """The file's text and the 1-based line of ``m.find``; raises if it is not there exactly once."""
+    text = (root / m.file).read_text()
+    hits = [i for i in range(len(text)) if text.startswith(m.find, i)]
+    if len(hits) != 1:
+        raise LookupError(f"mutation {m.name!r}: {m.find!r} occurs {len(hits)} times in {m.file} (needs exactly 1)")
+    if "\n" in m.find or "\n" in m.replace:
+        raise ValueError(f"mutation {m.name!r}: a mutation changes one line")
+    return text, text.count("\n", 0, hits[0]) + 1
+
+
+def check(mutations=MUTATIONS, root: pathlib.Path = ROOT) -> list[str]:
+    """Problems with the table: names not unique, a `find` not found once, a replacement that changes nothing."""
+    problems, names = [], [m.name for m in mutations]
+    problems += [f"duplicate mutation name {n!r}" for n in sorted({n for n in names if names.count(n) > 1})]
+    for m in mutations:
+        try:
+            _locate(m, root)
+        except (LookupError, ValueError) as err:
+            problems.append(str(err))
+        if m.find == m.replace:
+            problems.append(f"mutation {m.name!r} changes nothing")
+        for hint in m.hint:
+            if not (root / hint.split("::")[0]).exists():
+                problems.append(f"mutation {m.name!r}: hint {hint!r} names no test file")
+    problems += [f"sample names unknown mutation {s!r}" for s in SAMPLE if s not in names]
+    return problems
+
+
+def _copy(dest: pathlib.Path) -> pathlib.Path:
+    skip = shutil.ignore_patterns(".git", ".venv", "dist", "build", "_build", "results", ".jax_cache", "__pycache__",
+                                  ".hypothesis", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info")
+    shutil.copytree(ROOT, dest, ignore=skip)
+    return dest
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+def _pytest(copy: pathlib.Path, args: list[str], timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "JAXNORM_JAX_CACHE": str(ROOT / ".jax_cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *args]
+    try:
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return done.returncode, done.stdout + done.stderr
+
+
+def run(m: Mutation, copy: pathlib.Path, *, full: bool, timeout: float) -> dict:
+    text, line = _locate(m, copy)
+    path = copy / m.file
+    start = time.perf_counter()
+    path.write_text(text.replace(m.find, m.replace, 1))
+    try:
+        stages = [("hint", ["-n", "0", *m.hint])] if m.hint else []
+        if full:
+            stages.append(("fast tier", ["-n", "auto"]))
+        verdict, by, output = "survived", "", ""
+        for _stage, args in stages:
+            rc, output = _pytest(copy, args, timeout)
+            failed = _FAILED.findall(output)
+            if failed and rc in (1, 2):  # 2: xdist reports a run stopped by -x as interrupted
+                verdict, by = "killed", failed[0]
+                break
+            if rc != 0:  # a collection error, a timeout: the mutation broke more than one behaviour
+                verdict, by = "error", f"pytest exit status {rc}"
+                break
+    finally:
+        path.write_text(text)
+    return {"mutation": m.name, "where": f"{m.file}:{line}", "verdict": verdict, "killed_by": by,
+            "seconds": round(time.perf_counter() - start, 1), "output_tail": "" if verdict == "killed" else output[-3000:]}
+
+
+def table(rows: list[dict]) -> str:
+    heads = ("mutation", "where", "verdict", "killed_by", "seconds")
+    width = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in heads}
+    line = lambda r: " | ".join(str(r[h]).ljust(width[h]) for h in heads)  # noqa: E731
+    return "\n".join([line(dict(zip(heads, heads, strict=True))), "-+-".join("-" * width[h] for h in heads),
+                      *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sample", action="store_true", help="run the fixed CI sample only")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations (by name)")
+    p.add_argument("--check", action="store_true", help="check that every mutation applies; run no test")
+    p.add_argument("--list", action="store_true", help="print the mutations")
+    p.add_argument("--hint-only", action="store_true", help="run only each mutation's hinted tests")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    p.add_argument("--json", type=pathlib.Path, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    problems = check()
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:55s} {m.file}:{_locate(m, ROOT)[1]}")
+        return 0
+    if args.check:
+        print(f"{len(MUTATIONS)} mutations, each applies to exactly one line")
+        return 0
+    chosen = MUTATIONS
+    if args.sample or args.only:
+        wanted = set(SAMPLE if args.sample else args.only)
+        unknown = wanted - {m.name for m in MUTATIONS}
+        if unknown:
+            print(f"unknown mutations: {sorted(unknown)}", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTATIONS if m.name in wanted]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jaxnorm-mutate-") as tmp:
+        copy = _copy(pathlib.Path(tmp) / "repo")
+        for i, m in enumerate(chosen, 1):
+            row = run(m, copy, full=not (args.sample or args.hint_only), timeout=args.timeout)
+            rows.append(row)
+            print(f"[{i}/{len(chosen)}] {row['verdict']:8s} {row['seconds']:7.1f}s  {m.name}  <- {row['killed_by']}",
+                  flush=True)
+            if row["verdict"] != "killed":
+                print(row["output_tail"], flush=True)
+    print()
+    print(table(rows))
+    killed = sum(r["verdict"] == "killed" for r in rows)
+    print(f"\n{killed} of {len(rows)} mutations killed")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
