@@ -17,7 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
+from jaxnorm._channels import check_channel_state, check_cumulative, check_num_features, feature_layout
+from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momentum, check_training
+from jaxnorm._derivative import normalize_batch
+from jaxnorm._moments import moments
+from jaxnorm._normalize import affine_arrays, normalize
+from jaxnorm._running import running_arrays, running_stats_init, update_running
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "batch_norm"
@@ -37,82 +43,10 @@ def batch_norm_init(
     NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead, so one bad batch cannot
     silently corrupt the running statistics (the output of that batch is still computed from it).
     """
-    c = _check_num_features(num_features, "batch_norm_init")
+    c = check_num_features(num_features, "batch_norm_init")
     params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
     stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats
-
-
-def running_stats_init(num_features: int, dtype: Any = jnp.float32, nonfinite_guard: bool = False) -> dict:
-    stats_dtype = _core.stats_dtype(dtype)
-    stats = {
-        "mean": jnp.zeros((num_features,), stats_dtype),
-        "var": jnp.ones((num_features,), stats_dtype),
-        "count": jnp.zeros((), jnp.int32),
-    }
-    if nonfinite_guard:
-        stats["skipped"] = jnp.zeros((), jnp.int32)
-    return stats
-
-
-def _check_num_features(num_features: Any, where: str) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{where}: `num_features` must be a positive int, got {num_features!r}.")
-    return num_features
-
-
-def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, ...], layer: str, init: str) -> None:
-    """Validate (params, batch_stats) of a per-channel layer against the feature shape (``(C,)`` for one axis).
-
-    ``count`` is optional (a state saved by flax.linen.BatchNorm has only mean and var); ``skipped`` is present when
-    the state was made with ``nonfinite_guard=True``.
-    """
-    fshape = (fshape,) if isinstance(fshape, int) else tuple(fshape)
-    size = fshape[0] if len(fshape) == 1 else fshape
-    fix = f"Create matching state with jaxnorm.{init}({size}, ...)."
-    check_affine(params, fshape, layer, fix)
-    if isinstance(batch_stats, dict) and batch_stats:
-        expected = {"mean": (fshape, "float"), "var": (fshape, "float")}
-        for key in ("count", "skipped"):
-            if key in batch_stats:
-                expected[key] = ((), "int")
-        _core.check_state(batch_stats, expected, arg="batch_stats", layer=layer, fix=fix)
-    else:
-        _core.check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
-
-
-def check_affine(params: Any, fshape: tuple[int, ...], layer: str, fix: str) -> None:
-    """Per-channel params: {"scale", "bias"}, either one alone (Flax's use_scale/use_bias), or {}."""
-    keys = [k for k in ("scale", "bias") if isinstance(params, dict) and k in params] if params else []
-    _core.check_state(params, {k: (fshape, "float") for k in keys or ["scale", "bias"]} if params else {},
-                      arg="params", layer=layer, fix=fix)
-
-
-def affine_arrays(params: dict, bshape: tuple[int, ...]) -> tuple[Array | None, Array | None]:
-    """(scale, bias) reshaped to broadcast against x; None for an absent one."""
-    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
-    return scale, bias
-
-
-def check_cumulative(momentum: float | None, batch_stats: Any, training: bool, layer: str) -> None:
-    if momentum is None and training and isinstance(batch_stats, dict) and batch_stats and "count" not in batch_stats:
-        raise ValueError(
-            f"{layer}: `momentum`=None (the cumulative average) needs `batch_stats['count']`, the number of batches "
-            "seen, but this state has none (saved by flax.linen.BatchNorm?). Add it, e.g. "
-            "batch_stats = {**batch_stats, 'count': jnp.zeros((), jnp.int32)}, or give a momentum."
-        )
-
-
-def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:
-    """``(feature axes, feature shape, mask)`` for a per-channel layer whose ``axis`` is an int or a tuple."""
-    feats = _core.canonical_axes(axis, x.ndim, layer, name="axis")
-    mask = _core.check_mask(mask, x, layer)
-    if mask is not None and any(mask.shape[a] != 1 for a in feats):
-        raise ValueError(
-            f"{layer}: `mask` must not vary along the channel axis {feats if len(feats) > 1 else feats[0]}, got "
-            f"mask shape {tuple(mask.shape)}; use size 1 there."
-        )
-    return feats, tuple(x.shape[a] for a in feats), mask
 
 
 def _check_virtual_batch(v: Any, x: Array, feats: tuple[int, ...], mask: Any, axis_name: Any) -> int | None:
@@ -159,16 +93,16 @@ def batch_norm(
     consecutive sub-batches of that size and normalize each with its own statistics; the running statistics get one
     update with the average of the sub-batch means and (unbiased) variances, as Keras does.
     """
-    training = _core.check_training(training, _LAYER)
-    x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    training = check_training(training, _LAYER)
+    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
     feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
     check_channel_state(params, batch_stats, fshape, _LAYER, "batch_norm_init")
-    eps = _core.check_eps(eps, _LAYER)
-    momentum = _core.check_momentum(momentum, _LAYER)
+    eps = check_eps(eps, _LAYER)
+    momentum = check_momentum(momentum, _LAYER)
     check_cumulative(momentum, batch_stats, training, _LAYER)
 
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feats)
-    bshape = _core.broadcast_shape(x.shape, feats)
+    bshape = broadcast_shape(x.shape, feats)
     use_batch = training or not batch_stats
     scale, bias = affine_arrays(params, bshape)
     ghost = _check_virtual_batch(virtual_batch_size, x, feats, mask, axis_name) if training else None
@@ -182,24 +116,22 @@ def batch_norm(
         if ghost:
             # (N, ...) -> (N / v, v, ...): statistics per sub-batch, broadcast back over its rows
             xg = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
-            gmean, gvar, count = _core.moments(xg, tuple(i + 1 for i in reduction_axes))
-            y_ghost = _core.normalize(xg, gmean, gvar, eps, *(
+            gmean, gvar, count = moments(xg, tuple(i + 1 for i in reduction_axes))
+            y_ghost = normalize(xg, gmean, gvar, eps, *(
                 None if p is None else p.reshape((1,) + bshape) for p in (scale, bias)))
             y = y_ghost.reshape(x.shape)
             mean, var = jnp.mean(gmean, 0), jnp.mean(gvar, 0)
         else:
-            y, mean, var, count = _core.normalize_batch(
+            y, mean, var, count = normalize_batch(
                 x, reduction_axes, eps, scale, bias, mask=mask, axis_name=axis_name,
                 axis_index_groups=axis_index_groups,
             )
     else:
-        dtype = _core.stats_dtype(x.dtype)
-        mean = batch_stats["mean"].astype(dtype).reshape(bshape)
-        var = batch_stats["var"].astype(dtype).reshape(bshape)
-        y = _core.normalize(x, mean, var, eps, scale, bias)
+        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
+        y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
-        new_stats = _core.update_running(
+        new_stats = update_running(
             batch_stats, mean.reshape(fshape), var.reshape(fshape), count.reshape(-1)[0], momentum,
             running_var_unbiased,
         )

@@ -1,4 +1,6 @@
-"""The conventions the wrappers share, resolved in one place: momentum, training mode, the affine keywords, dtypes.
+"""The conventions the wrappers share, resolved in one place: momentum, training mode, the affine keywords, the
+running state, the axes of each layer family, the groups, dtypes. linen, nnx and equinox call these and the
+functional core; none of them decides a convention on its own.
 
 PyTorch's ``momentum=0.1`` is the weight of the NEW batch; Flax's ``momentum=0.99`` is the decay of the OLD
 average, and Flax updates the running variance with the biased batch variance where PyTorch uses the unbiased
@@ -9,17 +11,35 @@ gets a TypeError instead of a silently wrong model, and must say which conventio
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 
+from jaxnorm._running import running_stats_init
+
 _TORCH_DEFAULT = 0.1
+DEFAULT_GROUPS = 32  # GroupNorm's num_groups when neither it nor group_size is given (Flax's default)
 
 
-def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, layer: str) -> float | None:
-    """Return the functional API's momentum (PyTorch convention; None = cumulative average)."""
+@dataclasses.dataclass(frozen=True)
+class Momentum:
+    """A wrapper's momentum keywords resolved.
+
+    ``momentum``: the functional API's (PyTorch's convention: the weight of the new batch; None = the cumulative
+    average). ``unbiased``: whether the running variance takes the unbiased batch variance (PyTorch) or the
+    biased one (Flax). ``keeps_count``: whether the state has PyTorch's ``num_batches_tracked`` (Flax's has not).
+    """
+
+    momentum: float | None
+    unbiased: bool
+    keeps_count: bool
+
+
+def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, layer: str) -> Momentum:
+    """``torch_momentum`` (PyTorch's whole update rule) or ``flax_momentum`` (Flax's), never both."""
     if flax_momentum is None:
-        return torch_momentum
+        return Momentum(torch_momentum, unbiased=True, keeps_count=True)
     if torch_momentum != _TORCH_DEFAULT:
         raise ValueError(
             f"{layer}: give either `torch_momentum` (weight of the new batch) or `flax_momentum` (decay of the old "
@@ -27,7 +47,16 @@ def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, 
         )
     if isinstance(flax_momentum, bool) or not 0.0 <= flax_momentum <= 1.0:
         raise ValueError(f"{layer}: `flax_momentum` must be in [0, 1], got {flax_momentum!r} (Flax's default is 0.99).")
-    return 1.0 - float(flax_momentum)
+    return Momentum(1.0 - float(flax_momentum), unbiased=False, keeps_count=False)
+
+
+def running_state(fshape: tuple[int, ...], *, param_dtype: Any, force_float32_reductions: bool, count: bool,
+                  nonfinite_guard: bool) -> dict[str, Any]:
+    """A wrapper's fresh running statistics for features of shape ``fshape``: PyTorch's initial values, in
+    ``running_dtype``, with ``count`` when asked for and ``skipped`` with the non-finite guard."""
+    stats = running_stats_init(fshape, nonfinite_guard=nonfinite_guard, count=count)
+    dtype = running_dtype(param_dtype, force_float32_reductions)
+    return {k: v.astype(dtype) if k in ("mean", "var") else v for k, v in stats.items()}
 
 
 def resolve_training(use_running_average: bool | None, call_value: bool | None, layer: str) -> bool:
@@ -61,6 +90,49 @@ def resolve_affine(
         on = default if affine is None else bool(affine)
         return on, on
     return (True if use_scale is None else bool(use_scale)), (True if use_bias is None else bool(use_bias))
+
+
+def row_axes(normalized_shape: Any, reduction_axes: Any, feature_axes: Any, layer: str,
+             default: Any = None) -> dict[str, Any]:
+    """Layer/RMS norm's axes as the functional API takes them: PyTorch's ``normalized_shape`` (the trailing dims,
+    params of that shape) or Flax's ``reduction_axes`` with ``feature_axes`` (the params' axes), never both.
+    Neither given: ``default`` for both of Flax's (the wrappers: -1, as Flax), or an error when it is None."""
+    if normalized_shape is not None and reduction_axes is not None:
+        raise ValueError(
+            f"{layer}: got both `normalized_shape`={normalized_shape!r} (PyTorch: the trailing dims) and "
+            f"`reduction_axes`={reduction_axes!r} (Flax: any axes); give one of them."
+        )
+    if normalized_shape is not None:
+        if feature_axes is not None:
+            raise ValueError(
+                f"{layer}: `feature_axes`={feature_axes!r} goes with `reduction_axes`; with `normalized_shape` "
+                "the params have the normalized shape."
+            )
+        return {"normalized_shape": normalized_shape}
+    if reduction_axes is None and default is None:
+        raise TypeError(
+            f"{layer}: give `normalized_shape` (the trailing dims, as torch.nn.LayerNorm) or `reduction_axes` "
+            "(the axes to normalize over, as flax.linen.LayerNorm), e.g. normalized_shape=x.shape[-1]."
+        )
+    reduction_axes = default if reduction_axes is None else reduction_axes
+    return {"reduction_axes": reduction_axes, "feature_axes": default if feature_axes is None else feature_axes}
+
+
+def instance_axes(axis: Any, feature_axes: Any, layer: str) -> Any:
+    """InstanceNorm's channel axes: ``axis`` (PyTorch's, default -1 channels-last) or Flax's ``feature_axes``."""
+    if feature_axes is not None and axis != -1:
+        raise ValueError(
+            f"{layer}: got both `axis`={axis!r} and `feature_axes`={feature_axes!r}; they name the same thing (the "
+            "channel axes), give one."
+        )
+    return axis if feature_axes is None else feature_axes
+
+
+def groups(num_groups: int | None, group_size: int | None) -> dict[str, int | None]:
+    """GroupNorm's group keywords for the functional API: Flax's default of 32 groups when neither is given."""
+    if num_groups is None and group_size is None:
+        return {"num_groups": DEFAULT_GROUPS, "group_size": None}
+    return {"num_groups": num_groups, "group_size": group_size}
 
 
 def feature_axes(ndim: int, axes: Any) -> tuple[int, ...]:

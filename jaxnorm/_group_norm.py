@@ -13,8 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
-from jaxnorm._batch_norm import affine_arrays, check_affine
+from jaxnorm._channels import check_affine
+from jaxnorm._checks import canonical_axes, canonical_axis, channel_shape, check_eps, check_input, check_mask
+from jaxnorm._derivative import normalize_batch
+from jaxnorm._normalize import affine_arrays
 
 Array = jax.Array
 _LAYER = "group_norm"
@@ -44,20 +46,21 @@ def group_norm_init(
     return {"scale": jnp.ones((num_channels,), dtype), "bias": jnp.zeros((num_channels,), dtype)}
 
 
-def _resolve_groups(num_groups: Any, group_size: Any, c: int) -> int:
+def resolve_groups(num_groups: Any, group_size: Any, c: int, layer: str = _LAYER) -> int:
+    """The number of groups of ``c`` channels from ``num_groups`` (PyTorch, Flax) or ``group_size`` (Flax)."""
     if num_groups is not None and group_size is not None:
         raise ValueError(
-            f"{_LAYER}: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; give one of them "
+            f"{layer}: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; give one of them "
             "(Flax users: pass num_groups=None with group_size)."
         )
     if group_size is None:
         if num_groups is None:
-            raise TypeError(f"{_LAYER}: give `num_groups` (as torch.nn.GroupNorm) or `group_size` (channels a group).")
-        return _check_groups(num_groups, c, _LAYER)
+            raise TypeError(f"{layer}: give `num_groups` (as torch.nn.GroupNorm) or `group_size` (channels a group).")
+        return _check_groups(num_groups, c, layer)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or c % group_size:
         sizes = [g for g in range(1, c + 1) if c % g == 0]
         raise ValueError(
-            f"{_LAYER}: `group_size`={group_size!r} must be a positive int that divides the number of channels {c}; "
+            f"{layer}: `group_size`={group_size!r} must be a positive int that divides the number of channels {c}; "
             f"valid choices are {sizes}."
         )
     return c // group_size
@@ -83,25 +86,24 @@ def group_norm(
     ``mask`` (bool, broadcastable to ``x``; it may vary along the channels) excludes positions from the
     statistics; ``axis_name`` combines them exactly across a mapped/sharded axis.
     """
-    x = _core.check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
-    ax = _core.canonical_axis(axis, x.ndim, _LAYER)
+    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    ax = canonical_axis(axis, x.ndim, _LAYER)
     if ax == 0 and reduction_axes is None:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
     c = x.shape[ax]
-    g = _resolve_groups(num_groups, group_size, c)
+    g = resolve_groups(num_groups, group_size, c)
     fix = f"Create matching params with jaxnorm.group_norm_init({g}, {c}, ...)."
     check_affine(params, (c,), _LAYER, fix)
-    eps = _core.check_eps(eps, _LAYER)
-    mask = _core.check_mask(mask, x, _LAYER)
+    eps = check_eps(eps, _LAYER)
+    mask = check_mask(mask, x, _LAYER)
     if reduction_axes is None:
         spatial = tuple(i for i in range(1, x.ndim) if i != ax)
     else:
-        spatial = tuple(i for i in _core.canonical_axes(reduction_axes, x.ndim, _LAYER, name="reduction_axes")
-                        if i != ax)
+        spatial = tuple(i for i in canonical_axes(reduction_axes, x.ndim, _LAYER, name="reduction_axes") if i != ax)
 
     # statistics per (example, group): a spatial reduction in x's own layout, then the channels of each group
-    # (see _core.sum_over); the per-channel affine is applied in the same layout, in one fused normalize pass.
-    bshape = _core.channel_shape(x.ndim, ax, c)
+    # (jaxnorm._statistics.sum_over); the per-channel affine in the same layout, in one fused normalize pass
+    bshape = channel_shape(x.ndim, ax, c)
     scale, bias = affine_arrays(params, bshape)
-    return _core.normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g), mask=mask, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups)[0]
+    return normalize_batch(x, spatial, eps, scale, bias, groups=(ax, g), mask=mask, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)[0]

@@ -20,14 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
-from jaxnorm._batch_norm import (
-    _check_num_features,
-    affine_arrays,
-    check_channel_state,
-    feature_layout,
-    running_stats_init,
-)
+from jaxnorm._channels import check_channel_state, check_num_features, feature_layout
+from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momentum, check_training
+from jaxnorm._derivative import normalize_batch
+from jaxnorm._normalize import affine_arrays, normalize
+from jaxnorm._running import running_arrays, running_stats_init, update_running
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -43,7 +41,7 @@ def instance_norm_init(
 ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats);
     ``nonfinite_guard`` as in ``batch_norm_init``."""
-    c = _check_num_features(num_features, "instance_norm_init")
+    c = check_num_features(num_features, "instance_norm_init")
     params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
     stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats
@@ -61,6 +59,7 @@ def instance_norm(
     mask: Array | None = None,
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
+    batch_axis_name: Hashable | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Normalize each (example, channel) over its spatial axes; returns ``(y, new_batch_stats)``.
 
@@ -68,10 +67,12 @@ def instance_norm(
     per-feature statistics and params over all of them, as Flax's ``feature_axes``); for an unbatched ``(C, L)``
     input use ``x[None]`` or ``jax.vmap``. ``mask`` (bool, broadcastable to ``x``, constant along the channels)
     excludes positions from the statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
-    (the spatial axes split over devices).
+    (the spatial axes split over devices). ``batch_axis_name`` is the named axis the batch's examples are mapped
+    over (a ``jax.vmap`` over examples, as Equinox calls a layer, or the batch split over devices): the running
+    statistics then average the per-instance statistics over all of them, as over the batch axis.
     """
-    training = _core.check_training(training, _LAYER)
-    x = _core.check_input(
+    training = check_training(training, _LAYER)
+    x = check_input(
         x,
         _LAYER,
         min_ndim=3,
@@ -81,11 +82,11 @@ def instance_norm(
     if 0 in feats:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
     check_channel_state(params, batch_stats, fshape, _LAYER, "instance_norm_init")
-    eps = _core.check_eps(eps, _LAYER)
-    momentum = _core.check_momentum(momentum, _LAYER)
+    eps = check_eps(eps, _LAYER)
+    momentum = check_momentum(momentum, _LAYER)
 
     spatial = tuple(i for i in range(1, x.ndim) if i not in feats)
-    bshape = _core.broadcast_shape(x.shape, feats)
+    bshape = broadcast_shape(x.shape, feats)
     use_input_stats = training or not batch_stats
     scale, bias = affine_arrays(params, bshape)
     if use_input_stats:
@@ -93,13 +94,11 @@ def instance_norm(
             raise ValueError(
                 f"{_LAYER}: expected more than 1 spatial element when training, got input shape {tuple(x.shape)}."
             )
-        y, mean, var, count = _core.normalize_batch(x, spatial, eps, scale, bias, mask=mask, axis_name=axis_name,
-                                                    axis_index_groups=axis_index_groups)
+        y, mean, var, count = normalize_batch(x, spatial, eps, scale, bias, mask=mask, axis_name=axis_name,
+                                              axis_index_groups=axis_index_groups)
     else:
-        dtype = _core.stats_dtype(x.dtype)
-        mean = batch_stats["mean"].astype(dtype).reshape(bshape)
-        var = batch_stats["var"].astype(dtype).reshape(bshape)
-        y = _core.normalize(x, mean, var, eps, scale, bias)
+        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
+        y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         if momentum is None:  # PyTorch passes momentum 0.0 here: statistics stay put
@@ -109,8 +108,10 @@ def instance_norm(
         # the unbiased factor n/(n-1) uses each instance's own count (all equal without a mask)
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         inst_var = jnp.mean(unbiased, per_channel)
-        new_stats = _core.update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False)
-        if "count" in batch_stats:
-            new_stats["count"] = batch_stats["count"]  # PyTorch's InstanceNorm never counts batches
+        if batch_axis_name is not None:  # every device holds as many examples (vmap: one; shard_map: even shards)
+            inst_mean, inst_var = jax.lax.pmean((inst_mean, inst_var), batch_axis_name)
+        # PyTorch's InstanceNorm never counts batches
+        new_stats = update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False,
+                                   count_batches=False)
         return y, new_stats
     return y, batch_stats

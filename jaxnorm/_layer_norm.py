@@ -16,7 +16,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
+from jaxnorm._checks import (
+    broadcast_shape,
+    canonical_axes,
+    check_eps,
+    check_input,
+    check_mask,
+    check_state,
+    check_trailing_shape,
+    normalized_shape_tuple,
+)
+from jaxnorm._conventions import row_axes
+from jaxnorm._derivative import normalize_batch, normalize_rms
+from jaxnorm._normalize import affine_arrays
 
 Array = jax.Array
 
@@ -29,7 +41,7 @@ def layer_norm_init(
     dtype: Any = jnp.float32,
 ) -> dict[str, Array]:
     """Fresh params as PyTorch initializes them: scale 1, bias 0."""
-    shape = _core.normalized_shape_tuple(normalized_shape, "layer_norm_init")
+    shape = normalized_shape_tuple(normalized_shape, "layer_norm_init")
     if not elementwise_affine:
         return {}
     params = {"scale": jnp.ones(shape, dtype)}
@@ -45,7 +57,7 @@ def rms_norm_init(
     dtype: Any = jnp.float32,
 ) -> dict[str, Array]:
     """Fresh params as PyTorch initializes them: scale 1 (RMSNorm has no bias)."""
-    shape = _core.normalized_shape_tuple(normalized_shape, "rms_norm_init")
+    shape = normalized_shape_tuple(normalized_shape, "rms_norm_init")
     return {"scale": jnp.ones(shape, dtype)} if elementwise_affine else {}
 
 
@@ -64,41 +76,25 @@ def _layout(
     Either PyTorch's ``normalized_shape`` (the trailing dims, params of that shape) or Flax's ``reduction_axes``
     (any axes; params over ``feature_axes``, which default to the reduced axes), never both.
     """
-    if normalized_shape is not None and reduction_axes is not None:
-        raise ValueError(
-            f"{layer}: got both `normalized_shape`={normalized_shape!r} (PyTorch: the trailing dims) and "
-            f"`reduction_axes`={reduction_axes!r} (Flax: any axes); give one of them."
-        )
-    if normalized_shape is None and reduction_axes is None:
-        raise TypeError(
-            f"{layer}: give `normalized_shape` (the trailing dims, as torch.nn.LayerNorm) or `reduction_axes` "
-            "(the axes to normalize over, as flax.linen.LayerNorm), e.g. normalized_shape=x.shape[-1]."
-        )
-    if normalized_shape is not None:
-        if feature_axes is not None:
-            raise ValueError(
-                f"{layer}: `feature_axes`={feature_axes!r} goes with `reduction_axes`; with `normalized_shape` "
-                "the params have the normalized shape."
-            )
-        shape = _core.normalized_shape_tuple(normalized_shape, layer)
-        x = _core.check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
-        _core.check_trailing_shape(x, shape, layer)
+    if "normalized_shape" in row_axes(normalized_shape, reduction_axes, feature_axes, layer):
+        shape = normalized_shape_tuple(normalized_shape, layer)
+        x = check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
+        check_trailing_shape(x, shape, layer)
         axes = tuple(range(x.ndim - len(shape), x.ndim))
         pshape = shape
         bshape = (1,) * (x.ndim - len(shape)) + shape
     else:
-        x = _core.check_input(x, layer, min_ndim=1, what="at least 1 dim")
-        axes = _core.canonical_axes(reduction_axes, x.ndim, layer, name="reduction_axes")
-        feats = axes if feature_axes is None else _core.canonical_axes(feature_axes, x.ndim, layer,
-                                                                        name="feature_axes")
+        x = check_input(x, layer, min_ndim=1, what="at least 1 dim")
+        axes = canonical_axes(reduction_axes, x.ndim, layer, name="reduction_axes")
+        feats = axes if feature_axes is None else canonical_axes(feature_axes, x.ndim, layer, name="feature_axes")
         pshape = tuple(x.shape[a] for a in feats)
-        bshape = _core.broadcast_shape(x.shape, feats)
+        bshape = broadcast_shape(x.shape, feats)
     init = f"jaxnorm.{layer}_init({pshape if len(pshape) > 1 else pshape[0]}, ...)"
     keys = sorted(params.keys()) if isinstance(params, dict) else None
     layout = next((k for k in allowed if k == keys), allowed[-1])
-    _core.check_state(params, {k: (pshape, "float") for k in layout}, arg="params", layer=layer,
-                      fix=f"Create matching params with {init}.")
-    return x, axes, bshape, _core.check_mask(mask, x, layer)
+    check_state(params, {k: (pshape, "float") for k in layout}, arg="params", layer=layer,
+                fix=f"Create matching params with {init}.")
+    return x, axes, bshape, check_mask(mask, x, layer)
 
 
 def layer_norm(
@@ -125,10 +121,10 @@ def layer_norm(
     layer = "layer_norm"
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
                                     [[], ["scale"], ["bias"], ["bias", "scale"]])
-    eps = _core.check_eps(eps, layer)
-    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
-    return _core.normalize_batch(x, axes, eps, scale, bias, mask=mask, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups)[0]
+    eps = check_eps(eps, layer)
+    scale, bias = affine_arrays(params, bshape)
+    return normalize_batch(x, axes, eps, scale, bias, mask=mask, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)[0]
 
 
 def rms_norm(
@@ -151,7 +147,7 @@ def rms_norm(
     layer = "rms_norm"
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
                                     [[], ["scale"], ["bias"], ["bias", "scale"]])
-    eps = float(jnp.finfo(x.dtype).eps) if eps is None else _core.check_eps(eps, layer)
-    scale, bias = (params[k].reshape(bshape) if k in params else None for k in ("scale", "bias"))
-    return _core.normalize_rms(x, axes, eps, scale, bias=bias, mask=mask, axis_name=axis_name,
-                               axis_index_groups=axis_index_groups)
+    eps = float(jnp.finfo(x.dtype).eps) if eps is None else check_eps(eps, layer)
+    scale, bias = affine_arrays(params, bshape)
+    return normalize_rms(x, axes, eps, scale, bias=bias, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)

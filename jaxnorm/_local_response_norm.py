@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
+from jaxnorm._checks import canonical_axis, check_input
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "local_response_norm"
@@ -34,14 +35,14 @@ def local_response_norm(
     PyTorch's ``LocalResponseNorm(size, alpha, beta, k)`` (channels on axis 1, the default here); computed in at
     least float32 and returned in ``x.dtype``.
     """
-    x = _core.check_input(x, _LAYER, min_ndim=3, what="rank >= 3: (N, C, spatial...) as torch's LocalResponseNorm")
-    ax = _core.canonical_axis(axis, x.ndim, _LAYER)
+    x = check_input(x, _LAYER, min_ndim=3, what="rank >= 3: (N, C, spatial...) as torch's LocalResponseNorm")
+    ax = canonical_axis(axis, x.ndim, _LAYER)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"{_LAYER}: `size` (channels in the window) must be a positive int, got {size!r}.")
     alpha = _check_positive_float(alpha, "alpha", allow_zero=True)
     beta = _check_positive_float(beta, "beta", allow_zero=True)
     k = _check_positive_float(k, "k")
-    xf = x.astype(_core.stats_dtype(x.dtype))
+    xf = x.astype(stats_dtype(x.dtype))
     window = tuple(size if i == ax else 1 for i in range(x.ndim))
     pads = tuple((size // 2, (size - 1) // 2) if i == ax else (0, 0) for i in range(x.ndim))
     sums = jax.lax.reduce_window(jnp.square(xf), 0.0, jax.lax.add, window, (1,) * x.ndim, pads)

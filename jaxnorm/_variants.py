@@ -10,21 +10,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
-from jaxnorm._batch_norm import check_channel_state
+from jaxnorm._channels import check_channel_state
+from jaxnorm._checks import canonical_axis, channel_shape, check_eps, check_input, check_momentum, check_training
+from jaxnorm._moments import moments
+from jaxnorm._normalize import normalize
+from jaxnorm._running import running_arrays, update_running
+from jaxnorm._statistics import stats_dtype
 from jaxnorm._tree import get_path, set_path, walk
 
 Array = jax.Array
 
 
 def _prepare(params, batch_stats, x, axis, layer, *, need_stats=True):
-    x = _core.check_input(x, layer, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
-    ax = _core.canonical_axis(axis, x.ndim, layer)
+    x = check_input(x, layer, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    ax = canonical_axis(axis, x.ndim, layer)
     c = x.shape[ax]
     check_channel_state(params, batch_stats, c, layer, "batch_norm_init")
     if need_stats and not batch_stats:
         raise ValueError(f"{layer}: needs running statistics; create them with jaxnorm.batch_norm_init({c}).")
-    return x, ax, c, _core.channel_shape(x.ndim, ax, c)
+    return x, ax, c, channel_shape(x.ndim, ax, c)
 
 
 def batch_renorm(
@@ -49,28 +53,27 @@ def batch_renorm(
     mode normalizes with the running statistics.
     """
     layer = "batch_renorm"
-    training = _core.check_training(training, layer)
+    training = check_training(training, layer)
     x, ax, c, bshape = _prepare(params, batch_stats, x, axis, layer)
-    eps = _core.check_eps(eps, layer)
-    momentum = _core.check_momentum(momentum, layer)
+    eps = check_eps(eps, layer)
+    momentum = check_momentum(momentum, layer)
     for name, v, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         if isinstance(v, (int, float)) and not v >= low:
             raise ValueError(f"{layer}: `{name}` must be >= {low}, got {v!r}.")
-    dtype = _core.stats_dtype(x.dtype)
-    mu = batch_stats["mean"].astype(dtype).reshape(bshape)
-    run_var = batch_stats["var"].astype(dtype).reshape(bshape)
+    dtype = stats_dtype(x.dtype)
+    mu, run_var = running_arrays(batch_stats, dtype, bshape)
     scale = params["scale"].astype(dtype).reshape(bshape) if "scale" in params else jnp.ones(bshape, dtype)
     bias = params["bias"].astype(dtype).reshape(bshape) if "bias" in params else jnp.zeros(bshape, dtype)
     if not training:
-        return _core.normalize(x, mu, run_var, eps, scale, bias), batch_stats
+        return normalize(x, mu, run_var, eps, scale, bias), batch_stats
     reduction_axes = tuple(i for i in range(x.ndim) if i != ax)
-    mean, var, count = _core.moments(x, reduction_axes)
+    mean, var, count = moments(x, reduction_axes)
     sigma_b, sigma = jnp.sqrt(var + eps), jnp.sqrt(run_var + eps)
     r_max = jnp.asarray(r_max, dtype)
     r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
     d = jax.lax.stop_gradient(jnp.clip((mean - mu) / sigma, -d_max, d_max))
-    y = _core.normalize(x, mean, var, eps, scale * r, bias + scale * d)
-    new = _core.update_running(batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum)
+    y = normalize(x, mean, var, eps, scale * r, bias + scale * d)
+    new = update_running(batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum)
     return y, new
 
 
@@ -84,9 +87,9 @@ def frozen_batch_norm(
     """
     layer = "frozen_batch_norm"
     x, ax, c, bshape = _prepare(params, batch_stats, x, axis, layer)
-    eps = _core.check_eps(eps, layer)
+    eps = check_eps(eps, layer)
     params, batch_stats = jax.lax.stop_gradient((params, batch_stats))
-    dtype = _core.stats_dtype(x.dtype)
+    dtype = stats_dtype(x.dtype)
     w = params["scale"].astype(dtype) if "scale" in params else jnp.ones((c,), dtype)
     b = params["bias"].astype(dtype) if "bias" in params else jnp.zeros((c,), dtype)
     scale = w * jax.lax.rsqrt(batch_stats["var"].astype(dtype) + eps)
@@ -111,18 +114,18 @@ def fold(
     and ``s = gamma / sqrt(var + eps)``.
     """
     layer = "fold"
-    ax = _core.canonical_axis(out_axis, kernel.ndim, layer, name="out_axis")
+    ax = canonical_axis(out_axis, kernel.ndim, layer, name="out_axis")
     c = kernel.shape[ax]
     check_channel_state(params, batch_stats, c, layer, "batch_norm_init")
     if not batch_stats:
         raise ValueError(f"{layer}: needs the BatchNorm's running statistics (batch_stats), got {{}}.")
-    eps = _core.check_eps(eps, layer)
-    dtype = _core.stats_dtype(kernel.dtype)
+    eps = check_eps(eps, layer)
+    dtype = stats_dtype(kernel.dtype)
     gamma = params["scale"].astype(dtype) if "scale" in params else jnp.ones((c,), dtype)
     beta = params["bias"].astype(dtype) if "bias" in params else jnp.zeros((c,), dtype)
     s = gamma * jax.lax.rsqrt(batch_stats["var"].astype(dtype) + eps)
     b = jnp.zeros((c,), dtype) if bias is None else bias.astype(dtype)
-    new_kernel = kernel.astype(dtype) * s.reshape(_core.channel_shape(kernel.ndim, ax, c))
+    new_kernel = kernel.astype(dtype) * s.reshape(channel_shape(kernel.ndim, ax, c))
     new_bias = (b - batch_stats["mean"].astype(dtype)) * s + beta
     return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
 

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _core
+from jaxnorm._checks import broadcast_shape, canonical_axes, canonical_axis, check_eps, check_input
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 
@@ -46,20 +47,20 @@ def spectral_norm(
     A weight with fewer than 2 dims is returned unchanged with ``sigma = 1``.
     """
     layer = "spectral_norm"
-    w = _core.check_input(w, layer, min_ndim=0, what="any rank")
+    w = check_input(w, layer, min_ndim=0, what="any rank")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
         raise ValueError(f"{layer}: `n_steps` must be an int >= 0, got {n_steps!r}.")
-    eps = _core.check_eps(eps, layer)
+    eps = check_eps(eps, layer)
     if w.ndim < 2:
-        return w, u, jnp.ones((), _core.stats_dtype(w.dtype))
-    ax = _core.canonical_axis(axis, w.ndim, layer)
+        return w, u, jnp.ones((), stats_dtype(w.dtype))
+    ax = canonical_axis(axis, w.ndim, layer)
     out = w.shape[ax]
     if getattr(u, "shape", None) != (out,):
         raise ValueError(
             f"{layer}: `u` must have shape ({out},), one entry per output feature on axis {axis} of w "
             f"{tuple(w.shape)}; got {getattr(u, 'shape', type(u).__name__)}. Start from a random normal vector."
         )
-    dtype = _core.stats_dtype(w.dtype)
+    dtype = stats_dtype(w.dtype)
     mat = _matrix(w, ax).astype(dtype)
     const = jax.lax.stop_gradient(mat)
     u = jax.lax.stop_gradient(u.astype(dtype))
@@ -88,12 +89,12 @@ def weight_norm(
     ``v * rsqrt(sum(v**2) + eps)``.
     """
     layer = "weight_norm"
-    v = _core.check_input(v, layer, min_ndim=0, what="any rank")
-    eps = _core.check_eps(eps, layer)
-    feats = () if feature_axes is None or v.ndim == 0 else _core.canonical_axes(feature_axes, v.ndim, layer,
+    v = check_input(v, layer, min_ndim=0, what="any rank")
+    eps = check_eps(eps, layer)
+    feats = () if feature_axes is None or v.ndim == 0 else canonical_axes(feature_axes, v.ndim, layer,
                                                                                  name="feature_axes")
     reduce = tuple(i for i in range(v.ndim) if i not in feats)
-    dtype = _core.stats_dtype(v.dtype)
+    dtype = stats_dtype(v.dtype)
     w = _l2_normalize(v.astype(dtype), reduce, eps)
     if scale is not None:
         fshape = tuple(v.shape[a] for a in feats)
@@ -102,5 +103,5 @@ def weight_norm(
                 f"{layer}: `scale` must have shape {fshape} (v's feature axes {feats}), got "
                 f"{tuple(getattr(scale, 'shape', ()))}."
             )
-        w = w * scale.astype(dtype).reshape(_core.broadcast_shape(v.shape, feats))
+        w = w * scale.astype(dtype).reshape(broadcast_shape(v.shape, feats))
     return w.astype(v.dtype)

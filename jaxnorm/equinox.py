@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm
-from jaxnorm import _core
+from jaxnorm._checks import normalized_shape_tuple
 from jaxnorm._conventions import resolve_momentum
 
 Array = jax.Array
@@ -93,8 +93,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = inference
         self.axis_name = axis_name
         self.eps = eps
-        self.momentum = resolve_momentum(torch_momentum, flax_momentum, "BatchNorm")
-        self.running_var_unbiased = flax_momentum is None
+        momentum = resolve_momentum(torch_momentum, flax_momentum, "BatchNorm")
+        self.momentum, self.running_var_unbiased = momentum.momentum, momentum.unbiased
         self.input_size, self.channelwise_affine = input_size, channelwise_affine
 
     def __call__(self, x: Array, state: eqx.nn.State, *, key: Any = None,
@@ -137,7 +137,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         self.weight, self.bias = params.get("scale"), params.get("bias")
         self.state_index = eqx.nn.StateIndex(stats) if stats else None
         self.inference, self.axis_name, self.eps, self.input_size = inference, axis_name, eps, input_size
-        self.momentum = resolve_momentum(torch_momentum, flax_momentum, "InstanceNorm")
+        self.momentum = resolve_momentum(torch_momentum, flax_momentum, "InstanceNorm").momentum
 
     def is_stateful(self) -> bool:
         return self.state_index is not None
@@ -146,9 +146,9 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         training = not bool(self.inference if inference is None else inference)
         stats = state.get(self.state_index) if self.state_index is not None and state is not _NO_STATE else {}
         y, new = jaxnorm.instance_norm(_params(self), stats, x[None], training=training, axis=1,
-                                       momentum=self.momentum, eps=self.eps)
-        if stats and training:  # PyTorch's update is linear in the batch statistics: average it over the batch
-            new = {k: v if k == "count" else jax.lax.pmean(v, self.axis_name) for k, v in new.items()}
+                                       momentum=self.momentum, eps=self.eps,
+                                       batch_axis_name=self.axis_name if stats else None)
+        if stats and training:
             state = state.set(self.state_index, new)
         return _with_state(y[0], state)
 
@@ -163,7 +163,7 @@ class _TrailingNorm(eqx.Module):
     _norm: ClassVar[Callable[..., Array]]  # the functional layer: jaxnorm.layer_norm or jaxnorm.rms_norm
 
     def _setup(self, shape: Any, eps: float, use_weight: bool, use_bias: bool, dtype: Any, layer: str) -> None:
-        self.shape = _core.normalized_shape_tuple(shape, layer)
+        self.shape = normalized_shape_tuple(shape, layer)
         params = jaxnorm.layer_norm_init(self.shape, dtype=_dtype(dtype))
         self.weight = params["scale"] if use_weight else None
         self.bias = params["bias"] if use_bias else None

@@ -25,13 +25,17 @@ import jax.numpy as jnp
 
 import jaxnorm
 from jaxnorm._conventions import (
+    Momentum,
     compute_dtype,
     feature_axes,
+    groups,
+    instance_axes,
     output_dtype,
     resolve_affine,
     resolve_momentum,
     resolve_training,
-    running_dtype,
+    row_axes,
+    running_state,
 )
 
 Array = jax.Array
@@ -83,25 +87,24 @@ class _ChannelNorm(_Flax):
     affine: bool | None = None
     nonfinite_guard: bool = False
 
-    def _running(self, fshape: tuple[int, ...]) -> dict[str, Any]:
-        init = jaxnorm.batch_norm_init(1, affine=False, nonfinite_guard=self.nonfinite_guard)[1]
-        dtype = running_dtype(self.param_dtype, self.force_float32_reductions)
-        fresh = {"mean": jnp.zeros(fshape, dtype), "var": jnp.ones(fshape, dtype)}
-        # `count` (PyTorch's num_batches_tracked) is made unless Flax's momentum is asked for, and is optional in
-        # the variables given: flax.linen.BatchNorm's saved batch_stats (mean, var) load and train unchanged
-        if self.is_initializing() and self.flax_momentum is None or self.has_variable("batch_stats", "count"):
-            fresh["count"] = init["count"]
-        if self.nonfinite_guard:
-            fresh["skipped"] = init["skipped"]
+    def _running(self, fshape: tuple[int, ...], momentum: Momentum) -> dict[str, Any]:
+        # `count` (PyTorch's num_batches_tracked) is made with PyTorch's momentum, and is optional in the variables
+        # given: flax.linen.BatchNorm's saved batch_stats (mean, var) load and train unchanged
+        count = momentum.keeps_count if self.is_initializing() else self.has_variable("batch_stats", "count")
+        fresh = running_state(fshape, param_dtype=self.param_dtype, count=count, nonfinite_guard=self.nonfinite_guard,
+                              force_float32_reductions=self.force_float32_reductions)
         return {k: self.variable("batch_stats", k, lambda v=v: v) for k, v in fresh.items()}
 
-    def _apply(self, fn, x, use_running_average, *, default_affine, track, momentum, axis, **kw):
+    def _momentum(self) -> Momentum:
+        return resolve_momentum(self.torch_momentum, self.flax_momentum, type(self).__name__)
+
+    def _apply(self, fn, x, use_running_average, *, momentum, default_affine, track, axis, **kw):
         layer = type(self).__name__
         training = resolve_training(self.use_running_average, use_running_average, layer)
         use_scale, use_bias = resolve_affine(self.affine, self.use_scale, self.use_bias, default_affine, layer)
         fshape = _features(x, axis)
         params = self._affine(fshape, use_scale, use_bias)
-        stats_vars = self._running(fshape) if track else {}
+        stats_vars = self._running(fshape, momentum) if track else {}
         stats = {k: v.value for k, v in stats_vars.items()}
         if training and stats_vars and not self.is_initializing() and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
@@ -109,8 +112,8 @@ class _ChannelNorm(_Flax):
                 "model.apply(variables, x, mutable=['batch_stats']) and keep the returned batch_stats, or pass "
                 "use_running_average=True for evaluation."
             )
-        y, new = fn(params, stats, compute_dtype(x, self.dtype), training=training, axis=axis, momentum=momentum,
-                    eps=self.epsilon, **self._named_axis(), **kw)
+        y, new = fn(params, stats, compute_dtype(x, self.dtype), training=training, axis=axis,
+                    momentum=momentum.momentum, eps=self.epsilon, **self._named_axis(), **kw)
         if training and stats_vars and not self.is_initializing():
             for k, v in stats_vars.items():
                 v.value = new[k]
@@ -128,11 +131,10 @@ class BatchNorm(_ChannelNorm):
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        momentum = resolve_momentum(self.torch_momentum, self.flax_momentum, "BatchNorm")
-        return self._apply(jaxnorm.batch_norm, x, use_running_average, default_affine=True,
-                           track=self.track_running_stats, momentum=momentum, axis=self.axis, mask=mask,
-                           running_var_unbiased=self.flax_momentum is None,
-                           virtual_batch_size=self.virtual_batch_size)
+        momentum = self._momentum()
+        return self._apply(jaxnorm.batch_norm, x, use_running_average, momentum=momentum, default_affine=True,
+                           track=self.track_running_stats, axis=self.axis, mask=mask,
+                           running_var_unbiased=momentum.unbiased, virtual_batch_size=self.virtual_batch_size)
 
 
 class InstanceNorm(_ChannelNorm):
@@ -146,15 +148,9 @@ class InstanceNorm(_ChannelNorm):
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         if not self.track_running_stats and use_running_average is None and self.use_running_average is None:
             use_running_average = False  # without running stats both modes are the same computation
-        if self.feature_axes is not None and self.axis != -1:
-            raise ValueError(
-                f"InstanceNorm: got both `axis`={self.axis!r} and `feature_axes`={self.feature_axes!r}; they name "
-                "the same thing (the channel axes), give one."
-            )
-        axis = self.axis if self.feature_axes is None else self.feature_axes
-        momentum = resolve_momentum(self.torch_momentum, self.flax_momentum, "InstanceNorm")
-        return self._apply(jaxnorm.instance_norm, x, use_running_average, default_affine=False,
-                           track=self.track_running_stats, momentum=momentum, axis=axis, mask=mask)
+        return self._apply(jaxnorm.instance_norm, x, use_running_average, momentum=self._momentum(),
+                           default_affine=False, track=self.track_running_stats,
+                           axis=instance_axes(self.axis, self.feature_axes, "InstanceNorm"), mask=mask)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -189,19 +185,11 @@ class _RowNorm(_Flax):
         use_scale, use_bias = resolve_affine(self.elementwise_affine, self.use_scale,
                                              self.use_bias if with_bias else None, True, layer,
                                              "elementwise_affine")
-        if self.normalized_shape is not None and (self.reduction_axes is not None or self.feature_axes is not None):
-            given = "reduction_axes" if self.reduction_axes is not None else "feature_axes"
-            raise ValueError(
-                f"{layer}: got both `normalized_shape`={self.normalized_shape!r} (PyTorch: the trailing dims) and "
-                f"`{given}`={getattr(self, given)!r} (Flax); give one convention."
-            )
-        if self.normalized_shape is not None:
-            shape = self.normalized_shape
-            shape = (shape,) if isinstance(shape, int) else tuple(shape)
-            where = {"normalized_shape": shape}
+        where = row_axes(self.normalized_shape, self.reduction_axes, self.feature_axes, layer, default=-1)
+        if "normalized_shape" in where:
+            shape = (where["normalized_shape"],) if isinstance(where["normalized_shape"], int) else tuple(
+                where["normalized_shape"])
         else:
-            where = {"reduction_axes": -1 if self.reduction_axes is None else self.reduction_axes,
-                     "feature_axes": -1 if self.feature_axes is None else self.feature_axes}
             shape = _features(x, where["feature_axes"])
         params = self._affine(shape, use_scale, use_bias and with_bias)
         y = fn(params, compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask, **where, **self._named_axis())
@@ -246,8 +234,7 @@ class GroupNorm(_Flax):
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         use_scale, use_bias = resolve_affine(self.affine, self.use_scale, self.use_bias, True, "GroupNorm")
         params = self._affine((x.shape[self.axis],), use_scale, use_bias)
-        groups = 32 if self.num_groups is None and self.group_size is None else self.num_groups
-        y = jaxnorm.group_norm(params, compute_dtype(x, self.dtype), num_groups=groups, group_size=self.group_size,
+        y = jaxnorm.group_norm(params, compute_dtype(x, self.dtype), **groups(self.num_groups, self.group_size),
                                axis=self.axis, eps=self.epsilon, reduction_axes=self.reduction_axes, mask=mask,
                                **self._named_axis())
         return output_dtype(y, self.dtype)

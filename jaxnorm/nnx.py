@@ -10,6 +10,7 @@ has ``dtype``, or x's dtype when it is None).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -18,21 +19,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxnorm
+from jaxnorm._channels import check_num_features
 from jaxnorm._conventions import (
     compute_dtype,
+    groups,
+    instance_axes,
     output_dtype,
     resolve_affine,
     resolve_momentum,
     resolve_training,
-    running_dtype,
+    row_axes,
+    running_state,
 )
 from jaxnorm._conventions import feature_axes as canonical_feature_axes
+from jaxnorm._group_norm import resolve_groups
 
 Array = jax.Array
 Axes = int | Sequence[int]
 _zeros, _ones = nnx.initializers.zeros_init(), nnx.initializers.ones_init()
 _NO_METADATA: Mapping[str, Any] = {}
 _KERNEL = nnx.PathContains("kernel")
+_OBSERVERS: list[Any] = []  # callbacks given each BatchNorm's input: observe_inputs
+
+
+@contextlib.contextmanager
+def observe_inputs(callback: Any):
+    """Within the block, every ``BatchNorm`` call first hands ``callback(module, x, mask)`` its input (how
+    ``jaxnorm.precise_bn`` reads the layers' inputs without changing the model)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 class _Flax(nnx.Module):
@@ -71,15 +89,10 @@ class _ChannelNorm(_Flax):
         self._declare(shape, use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
                       bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
-        stats = {}
-        if track_running_stats:
-            init = jaxnorm.batch_norm_init(1, affine=False, nonfinite_guard=nonfinite_guard)[1]
-            rdtype = running_dtype(param_dtype, force_float32_reductions)
-            stats = {"mean": jnp.zeros(shape, rdtype), "var": jnp.ones(shape, rdtype)}
-            if flax_momentum is None:  # PyTorch's num_batches_tracked; Flax's state has only mean and var
-                stats["count"] = init["count"]
-            if nonfinite_guard:
-                stats["skipped"] = init["skipped"]
+        momentum = resolve_momentum(torch_momentum, flax_momentum, layer)
+        stats = {} if not track_running_stats else running_state(
+            shape, param_dtype=param_dtype, force_float32_reductions=force_float32_reductions,
+            count=momentum.keeps_count, nonfinite_guard=nonfinite_guard)
         self.tracked = bool(stats)
         self._stat_keys = tuple(stats)
         for k in ("mean", "var", "count", "skipped"):
@@ -87,7 +100,7 @@ class _ChannelNorm(_Flax):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = resolve_momentum(torch_momentum, flax_momentum, layer)
+        self.momentum, self.running_var_unbiased = momentum.momentum, momentum.unbiased
         self.epsilon = epsilon
 
     def _call(self, x, use_running_average, **kw):
@@ -122,10 +135,11 @@ class BatchNorm(_ChannelNorm):
                          axis_index_groups=axis_index_groups, force_float32_reductions=force_float32_reductions,
                          rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                          nonfinite_guard=nonfinite_guard)
-        self.flax_like = flax_momentum is not None
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        return self._call(x, use_running_average, mask=mask, running_var_unbiased=not self.flax_like)
+        for observe in _OBSERVERS:
+            observe(self, x, mask)
+        return self._call(x, use_running_average, mask=mask, running_var_unbiased=self.running_var_unbiased)
 
 
 class InstanceNorm(_ChannelNorm):
@@ -143,12 +157,8 @@ class InstanceNorm(_ChannelNorm):
                  use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
                  rngs: nnx.Rngs | None = None, bias_metadata: Mapping[str, Any] = _NO_METADATA,
                  scale_metadata: Mapping[str, Any] = _NO_METADATA):
-        if feature_axes is not None and axis != -1:
-            raise ValueError(
-                f"InstanceNorm: got both `axis`={axis!r} and `feature_axes`={feature_axes!r}; they name the same "
-                "thing (the channel axes), give one.")
         super().__init__(num_features, use_running_average=use_running_average,
-                         axis=axis if feature_axes is None else feature_axes, torch_momentum=torch_momentum,
+                         axis=instance_axes(axis, feature_axes, "InstanceNorm"), torch_momentum=torch_momentum,
                          flax_momentum=flax_momentum, epsilon=epsilon, affine=affine, use_scale=use_scale,
                          use_bias=use_bias, default_affine=False, track_running_stats=track_running_stats,
                          dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init,
@@ -171,11 +181,10 @@ class _RowNorm(_Flax):
         shape = num_features if normalized_shape is None else normalized_shape
         if shape is None:
             raise TypeError(f"{layer}: give `num_features` (Flax) or `normalized_shape` (PyTorch).")
-        trailing = not isinstance(shape, int)  # a tuple: PyTorch's normalized_shape (the trailing dims)
-        if trailing and (reduction_axes is not None or feature_axes is not None):
-            raise ValueError(
-                f"{layer}: got both `normalized_shape`={shape!r} (PyTorch: the trailing dims) and "
-                f"`reduction_axes`/`feature_axes` (Flax); give one convention.")
+        # an int is Flax's num_features (axes: reduction_axes/feature_axes, default -1); a tuple is PyTorch's
+        # normalized_shape (the trailing dims)
+        self.where = row_axes(None if isinstance(shape, int) else tuple(shape), reduction_axes, feature_axes, layer,
+                              default=-1)
         use_scale, use_bias = resolve_affine(elementwise_affine, use_scale, use_bias if with_bias else None, True,
                                              layer, "elementwise_affine")
         self._declare((shape,) if isinstance(shape, int) else tuple(shape), use_scale, use_bias and with_bias,
@@ -184,9 +193,6 @@ class _RowNorm(_Flax):
                       axis_index_groups=axis_index_groups)
         self.num_features = shape
         self.epsilon = epsilon
-        self.where = {"normalized_shape": tuple(shape)} if trailing else {
-            "reduction_axes": -1 if reduction_axes is None else reduction_axes,
-            "feature_axes": -1 if feature_axes is None else feature_axes}
 
     def _run(self, fn, x, mask):
         y = fn(self._params(), compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask, **self.where,
@@ -254,30 +260,19 @@ class GroupNorm(_Flax):
         c = num_features if num_channels is None else num_channels
         if c is None:
             raise TypeError("GroupNorm: give the number of channels, `num_features` (or `num_channels`).")
-        if num_groups is None and group_size is None:
-            num_groups = 32
-        if num_groups is not None and group_size is not None:
-            raise ValueError(f"GroupNorm: got both `num_groups`={num_groups!r} and `group_size`={group_size!r}; "
-                             "give one of them.")
-        if num_groups is None:
-            assert group_size is not None  # one of the two was given or defaulted above
-            num_checked = max(1, c // group_size)
-        else:
-            num_checked = num_groups
-        jaxnorm.group_norm_init(num_checked, c)  # checks
-        if group_size is not None and c % group_size:
-            raise ValueError(f"GroupNorm: `group_size`={group_size} must divide the number of channels {c}.")
+        check_num_features(c, "GroupNorm")
+        self.groups = groups(num_groups, group_size)
+        resolve_groups(**self.groups, c=c, layer="GroupNorm")  # the functional layer's checks, at construction
         use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, True, "GroupNorm")
         self._declare((c,), use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
                       bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
-        self.num_features, self.num_groups, self.group_size = c, num_groups, group_size
+        self.num_features, self.num_groups, self.group_size = c, self.groups["num_groups"], self.groups["group_size"]
         self.axis, self.epsilon, self.reduction_axes = axis, epsilon, reduction_axes
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        y = jaxnorm.group_norm(self._params(), compute_dtype(x, self.dtype), num_groups=self.num_groups,
-                               group_size=self.group_size, axis=self.axis, eps=self.epsilon,
-                               reduction_axes=self.reduction_axes, mask=mask, **self._named_axis())
+        y = jaxnorm.group_norm(self._params(), compute_dtype(x, self.dtype), **self.groups, axis=self.axis,
+                               eps=self.epsilon, reduction_axes=self.reduction_axes, mask=mask, **self._named_axis())
         return output_dtype(y, self.dtype)
 
 

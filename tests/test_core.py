@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import _core
+from jaxnorm import _xla_cpu
 from tests import registry
 
 # ------------------------------------------------------------------ the classic tutorials' worked examples
@@ -132,7 +132,7 @@ def test_statistics_stay_exact_on_both_sides_of_the_one_pass_limit(layer, offset
     xd = np.asarray(x, np.float64).reshape(ref_shape)
     ref = (xd - xd.mean(axes, keepdims=True)) / np.sqrt(xd.var(axes, keepdims=True) + 1e-5)
     yd = np.asarray(y, np.float64).reshape(ref_shape)
-    # the one-pass bound: 66 * eps * log2(n) relative (see jaxnorm._core._checked_one_pass); far off zero the input
+    # the one-pass bound: 66 * eps * log2(n) relative (see jaxnorm._statistics.checked_one_pass); far off zero the input
     # itself only resolves deviations to ulp(1e4)
     bound = 66 * np.finfo(np.float32).eps * np.log2(np.prod([ref_shape[a] for a in axes]))
     np.testing.assert_allclose(yd, ref, atol=2e-3 if offset > 100 else 2 * bound)
@@ -148,10 +148,10 @@ ROW_CASES = {  # x shape, its reduced axes, float64 reference view, its reduced 
 
 @pytest.mark.parametrize("layer", list(ROW_CASES))
 def test_row_statistics_are_exact_far_from_zero(layer):
-    """Trailing-axes statistics over many rows take the fused two-pass row path (_core._row_moments). Rows sit at
+    """Trailing-axes statistics over many rows take the fused two-pass row path (_statistics.row_moments). Rows sit at
     offsets from 0 to 1e4 std; output and variance must match float64 (E[x^2]-E[x]^2 would lose every digit)."""
     shape, red, view, axes = ROW_CASES[layer]
-    assert _core._contiguous_rows(shape, red, (1, 2) if layer == "group" else None) is not None
+    assert _xla_cpu.contiguous_rows(shape, red, (1, 2) if layer == "group" else None) is not None
     rng = np.random.default_rng(5)
     xr = rng.normal(size=view)
     xr = (xr - xr.mean(axes, keepdims=True)) / xr.std(axes, keepdims=True)

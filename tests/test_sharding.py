@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm
+from jaxnorm import _combine
 from jaxnorm import linen as jl
 
 N_DEV = 8
@@ -290,7 +291,7 @@ def combine(request, monkeypatch):
     """Both ways of combining per-device statistics: the one-collective gather (few devices) and the two
     linear-size psums (many devices, e.g. a vmap over examples); forced here on the same 8 devices."""
     if request.param == "psums":
-        monkeypatch.setattr(jaxnorm._core, "SLOTS_MAX_DEVICES", 0)
+        monkeypatch.setattr(_combine, "SLOTS_MAX_DEVICES", 0)
     return request.param
 
 

@@ -1,0 +1,66 @@
+"""What every per-channel layer (batch, instance and group norm, the batch-norm variants) checks and builds the
+same way: the channel count, the feature axes and mask, and the params and state against the feature shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxnorm._checks import canonical_axes, check_mask, check_state
+
+Array = jax.Array
+
+
+def check_num_features(num_features: Any, where: str) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{where}: `num_features` must be a positive int, got {num_features!r}.")
+    return num_features
+
+
+def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:
+    """``(feature axes, feature shape, mask)`` for a per-channel layer whose ``axis`` is an int or a tuple."""
+    feats = canonical_axes(axis, x.ndim, layer, name="axis")
+    mask = check_mask(mask, x, layer)
+    if mask is not None and any(mask.shape[a] != 1 for a in feats):
+        raise ValueError(
+            f"{layer}: `mask` must not vary along the channel axis {feats if len(feats) > 1 else feats[0]}, got "
+            f"mask shape {tuple(mask.shape)}; use size 1 there."
+        )
+    return feats, tuple(x.shape[a] for a in feats), mask
+
+
+def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, ...], layer: str, init: str) -> None:
+    """Validate (params, batch_stats) of a per-channel layer against the feature shape (``(C,)`` for one axis).
+
+    ``count`` is optional (a state saved by flax.linen.BatchNorm has only mean and var); ``skipped`` is present when
+    the state was made with ``nonfinite_guard=True``.
+    """
+    fshape = (fshape,) if isinstance(fshape, int) else tuple(fshape)
+    size = fshape[0] if len(fshape) == 1 else fshape
+    fix = f"Create matching state with jaxnorm.{init}({size}, ...)."
+    check_affine(params, fshape, layer, fix)
+    if isinstance(batch_stats, dict) and batch_stats:
+        expected = {"mean": (fshape, "float"), "var": (fshape, "float")}
+        for key in ("count", "skipped"):
+            if key in batch_stats:
+                expected[key] = ((), "int")
+        check_state(batch_stats, expected, arg="batch_stats", layer=layer, fix=fix)
+    else:
+        check_state(batch_stats, {}, arg="batch_stats", layer=layer, fix=fix)
+
+
+def check_affine(params: Any, fshape: tuple[int, ...], layer: str, fix: str) -> None:
+    """Per-channel params: {"scale", "bias"}, either one alone (Flax's use_scale/use_bias), or {}."""
+    keys = [k for k in ("scale", "bias") if isinstance(params, dict) and k in params] if params else []
+    check_state(params, {k: (fshape, "float") for k in keys or ["scale", "bias"]} if params else {},
+                arg="params", layer=layer, fix=fix)
+
+
+def check_cumulative(momentum: float | None, batch_stats: Any, training: bool, layer: str) -> None:
+    if momentum is None and training and isinstance(batch_stats, dict) and batch_stats and "count" not in batch_stats:
+        raise ValueError(
+            f"{layer}: `momentum`=None (the cumulative average) needs `batch_stats['count']`, the number of batches "
+            "seen, but this state has none (saved by flax.linen.BatchNorm?). Add it, e.g. "
+            "batch_stats = {**batch_stats, 'count': jnp.zeros((), jnp.int32)}, or give a momentum."
+        )

@@ -1,0 +1,84 @@
+"""Running statistics: their fresh state, how a layer reads them, and PyTorch's update after a training batch.
+
+State (``batch_stats``)::
+
+    {"mean": (C,) float32, "var": (C,) float32, "count": () int32}   # count = PyTorch's num_batches_tracked
+    # + "skipped": () int32 with nonfinite_guard=True; without "count": a state saved by flax.linen.BatchNorm
+
+float64 for a float64 layer. Batch norm, instance norm (with running statistics), batch renorm and every wrapper
+use these three functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnorm._statistics import stats_dtype
+
+Array = jax.Array
+
+
+def running_stats_init(num_features: int | tuple[int, ...], dtype: Any = jnp.float32,
+                       nonfinite_guard: bool = False, *, count: bool = True) -> dict[str, Array]:
+    """PyTorch's fresh running statistics: mean 0, var 1 (of ``stats_dtype(dtype)``), count 0; ``count=False``
+    leaves the counter out (Flax's layout)."""
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    sdtype = stats_dtype(dtype)
+    stats = {"mean": jnp.zeros(shape, sdtype), "var": jnp.ones(shape, sdtype)}
+    if count:
+        stats["count"] = jnp.zeros((), jnp.int32)
+    if nonfinite_guard:
+        stats["skipped"] = jnp.zeros((), jnp.int32)
+    return stats
+
+
+def running_arrays(batch_stats: Mapping[str, Array], dtype: Any, bshape: tuple[int, ...]) -> tuple[Array, Array]:
+    """The running mean and variance in ``dtype``, shaped to broadcast against x (``bshape``)."""
+    mean = batch_stats["mean"].astype(dtype).reshape(bshape)
+    var = batch_stats["var"].astype(dtype).reshape(bshape)
+    return mean, var
+
+
+def update_running(
+    batch_stats: Mapping[str, Array],
+    batch_mean: Array,
+    batch_var: Array,
+    count: Array | None,
+    momentum: float | None,
+    unbiased: bool = True,
+    *,
+    count_batches: bool = True,
+) -> dict[str, Array]:
+    """PyTorch's running-statistics update from per-channel batch statistics.
+
+    ``momentum`` is the weight of the new batch; ``None`` is the cumulative average over ``count`` batches.
+    The running variance takes the unbiased batch variance ``var * n / (n - 1)`` (``unbiased=False``: the batch
+    variance as given, e.g. biased as flax.linen.BatchNorm's). A state without ``count`` stays without it;
+    ``count_batches=False`` leaves it unchanged (PyTorch's InstanceNorm never counts). A state made with
+    ``nonfinite_guard=True`` (a ``skipped`` counter) keeps its statistics when the batch's are not finite and
+    counts the skipped batch instead.
+    """
+    dtype = batch_stats["mean"].dtype
+    new_count = batch_stats["count"] + 1 if "count" in batch_stats else None
+    if momentum is None:  # the callers check that "count" is there
+        assert new_count is not None
+        factor = 1.0 / new_count.astype(dtype)
+    else:
+        factor = jnp.asarray(momentum, dtype)
+    if unbiased:
+        assert count is not None, "the unbiased update needs the batch's element count"
+        batch_var = batch_var * (count / (count - 1))
+    mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(dtype)
+    var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(dtype)
+    new = {"mean": mean.astype(dtype), "var": var.astype(dtype)}
+    if new_count is not None:
+        new["count"] = new_count if count_batches else batch_stats["count"]
+    if "skipped" in batch_stats:  # non-finite guard: a NaN/inf batch leaves the statistics as they were
+        ok = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var))
+        new = {k: jnp.where(ok, v, batch_stats[k]) for k, v in new.items()}
+        new["skipped"] = batch_stats["skipped"] + jnp.where(ok, 0, 1).astype(batch_stats["skipped"].dtype)
+    return new
