@@ -17,36 +17,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._channels import check_channel_state, check_cumulative, check_num_features, feature_layout
+from jaxnorm._channels import channel_init, check_channel_state, check_cumulative, feature_layout
 from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momentum, check_training
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._moments import moments
 from jaxnorm._normalize import affine_arrays, normalize
-from jaxnorm._running import running_arrays, running_stats_init, update_running
+from jaxnorm._running import running_arrays, update_running
 from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "batch_norm"
 
 
-def batch_norm_init(
-    num_features: int,
-    *,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    dtype: Any = jnp.float32,
-    nonfinite_guard: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def batch_norm_init(num_features: int, *, affine: bool = True, track_running_stats: bool = True,
+                    dtype: Any = jnp.float32, nonfinite_guard: bool = False
+                    ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0.
 
     ``nonfinite_guard=True`` adds ``batch_stats["skipped"]`` (() int32): a training batch whose statistics are
     NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead, so one bad batch cannot
     silently corrupt the running statistics (the output of that batch is still computed from it).
     """
-    c = check_num_features(num_features, "batch_norm_init")
-    params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
-    stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
-    return params, stats
+    return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
+                        nonfinite_guard=nonfinite_guard, where="batch_norm_init")
 
 
 def _check_virtual_batch(v: Any, x: Array, feats: tuple[int, ...], mask: Any, axis_name: Any) -> int | None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxnorm._checks import canonical_axes, check_mask, check_state
+from jaxnorm._running import running_stats_init
 
 Array = jax.Array
 
@@ -16,6 +18,16 @@ def check_num_features(num_features: Any, where: str) -> int:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"{where}: `num_features` must be a positive int, got {num_features!r}.")
     return num_features
+
+
+def channel_init(num_features: Any, *, affine: bool, track_running_stats: bool, dtype: Any, nonfinite_guard: bool,
+                 where: str) -> tuple[dict[str, Array], dict[str, Array]]:
+    """PyTorch's fresh per-channel ``(params, batch_stats)``: scale 1, bias 0 (``affine``), and the running
+    statistics of ``jaxnorm._running`` (``track_running_stats``)."""
+    c = check_num_features(num_features, where)
+    params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
+    stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
+    return params, stats
 
 
 def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:

@@ -50,6 +50,17 @@ def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, 
     return Momentum(1.0 - float(flax_momentum), unbiased=False, keeps_count=False)
 
 
+def no_plain_momentum(momentum: Any, layer: str, unset: Any = None) -> None:
+    """A plain ``momentum`` (Flax's and Equinox's keyword, the decay of the old average; PyTorch's, the weight of
+    the new batch) is refused: the convention must be said."""
+    if momentum is not unset:
+        raise TypeError(
+            f"{layer}: `momentum`={momentum!r} is ambiguous (Flax and equinox.nn mean the decay of the old average, "
+            f"PyTorch the weight of the new batch). Give `flax_momentum`={momentum!r} for Flax's meaning or "
+            "`torch_momentum`= for PyTorch's (default 0.1)."
+        )
+
+
 def running_state(fshape: tuple[int, ...], *, param_dtype: Any, force_float32_reductions: bool, count: bool,
                   nonfinite_guard: bool) -> dict[str, Any]:
     """A wrapper's fresh running statistics for features of shape ``fshape``: PyTorch's initial values, in

@@ -28,18 +28,10 @@ from jaxnorm._xla_cpu import cpu_barrier
 Array = jax.Array
 
 
-def normalize_batch(
-    x: Array,
-    reduction_axes: Sequence[int],
-    eps: float,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    groups: tuple[int, int] | None = None,
-    mask: Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Any = None,
-) -> tuple[Array, Array, Array, Array]:
+def normalize_batch(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None,
+                    bias: Array | None = None, *, groups: tuple[int, int] | None = None, mask: Array | None = None,
+                    axis_name: Hashable | None = None, axis_index_groups: Any = None
+                    ) -> tuple[Array, Array, Array, Array]:
     """Normalize ``x`` with its own statistics over ``reduction_axes``: returns ``(y, mean, var, count)``.
 
     ``moments`` then ``normalize``. Without ``mask``/``axis_name`` the derivative is the closed-form tangent map
@@ -57,17 +49,9 @@ def normalize_batch(
     return normalize(x, mean, var, eps, scale, bias), mean, var, count
 
 
-def normalize_rms(
-    x: Array,
-    reduction_axes: Sequence[int],
-    eps: float,
-    scale: Array | None = None,
-    *,
-    bias: Array | None = None,
-    mask: Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Any = None,
-) -> Array:
+def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None, *,
+                  bias: Array | None = None, mask: Array | None = None, axis_name: Hashable | None = None,
+                  axis_index_groups: Any = None) -> Array:
     """RMS normalization ``x * rsqrt(mean(x**2) + eps) * scale (+ bias)`` over ``reduction_axes``.
 
     Differentiated by the same closed-form tangent map as the centred layers (``_normalize_tangents`` with no

@@ -20,31 +20,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._channels import check_channel_state, check_num_features, feature_layout
+from jaxnorm._channels import channel_init, check_channel_state, feature_layout
 from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momentum, check_training
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
-from jaxnorm._running import running_arrays, running_stats_init, update_running
+from jaxnorm._running import running_arrays, update_running
 from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "instance_norm"
 
 
-def instance_norm_init(
-    num_features: int,
-    *,
-    affine: bool = False,
-    track_running_stats: bool = False,
-    dtype: Any = jnp.float32,
-    nonfinite_guard: bool = False,
-) -> tuple[dict[str, Array], dict[str, Array]]:
+def instance_norm_init(num_features: int, *, affine: bool = False, track_running_stats: bool = False,
+                       dtype: Any = jnp.float32, nonfinite_guard: bool = False
+                       ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats);
     ``nonfinite_guard`` as in ``batch_norm_init``."""
-    c = check_num_features(num_features, "instance_norm_init")
-    params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
-    stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
-    return params, stats
+    return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
+                        nonfinite_guard=nonfinite_guard, where="instance_norm_init")
 
 
 def instance_norm(

@@ -97,18 +97,10 @@ def _layout(
     return x, axes, bshape, check_mask(mask, x, layer)
 
 
-def layer_norm(
-    params: dict[str, Array],
-    x: Array,
-    *,
-    normalized_shape: int | tuple[int, ...] | None = None,
-    eps: float = 1e-5,
-    reduction_axes: int | Sequence[int] | None = None,
-    feature_axes: int | Sequence[int] | None = None,
-    mask: Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Any = None,
-) -> Array:
+def layer_norm(params: dict[str, Array], x: Array, *, normalized_shape: int | tuple[int, ...] | None = None,
+               eps: float = 1e-5, reduction_axes: int | Sequence[int] | None = None,
+               feature_axes: int | Sequence[int] | None = None, mask: Array | None = None,
+               axis_name: Hashable | None = None, axis_index_groups: Any = None) -> Array:
     """Normalize with the mean and biased variance over some axes, then scale/shift.
 
     The axes: PyTorch's ``normalized_shape`` (the trailing dims; params of that shape), or Flax's
@@ -118,36 +110,31 @@ def layer_norm(
     exactly across a mapped/sharded axis, when the reduced axes are split over devices (``axis_index_groups``
     as in ``jax.lax.psum``).
     """
-    layer = "layer_norm"
-    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
-                                    [[], ["scale"], ["bias"], ["bias", "scale"]])
-    eps = check_eps(eps, layer)
-    scale, bias = affine_arrays(params, bshape)
-    return normalize_batch(x, axes, eps, scale, bias, mask=mask, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups)[0]
+    return _row_norm("layer_norm", params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
+                     axis_index_groups)
 
 
-def rms_norm(
-    params: dict[str, Array],
-    x: Array,
-    *,
-    normalized_shape: int | tuple[int, ...] | None = None,
-    eps: float | None = None,
-    reduction_axes: int | Sequence[int] | None = None,
-    feature_axes: int | Sequence[int] | None = None,
-    mask: Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Any = None,
-) -> Array:
+def rms_norm(params: dict[str, Array], x: Array, *, normalized_shape: int | tuple[int, ...] | None = None,
+             eps: float | None = None, reduction_axes: int | Sequence[int] | None = None,
+             feature_axes: int | Sequence[int] | None = None, mask: Array | None = None,
+             axis_name: Hashable | None = None, axis_index_groups: Any = None) -> Array:
     """``x * rsqrt(mean(x**2) + eps) * scale`` over some axes; ``eps=None`` is ``finfo(x.dtype).eps``.
 
     Axes, ``mask`` and ``axis_name`` as in ``layer_norm``. ``params`` may add a ``bias`` to the scale (as
     equinox.nn.RMSNorm's ``use_bias``; PyTorch's and Flax's RMSNorm have none).
     """
-    layer = "rms_norm"
+    return _row_norm("rms_norm", params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
+                     axis_index_groups)
+
+
+def _row_norm(layer, params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
+              axis_index_groups) -> Array:
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
                                     [[], ["scale"], ["bias"], ["bias", "scale"]])
-    eps = float(jnp.finfo(x.dtype).eps) if eps is None else check_eps(eps, layer)
+    rms = layer == "rms_norm"
+    eps = float(jnp.finfo(x.dtype).eps) if rms and eps is None else check_eps(eps, layer)
     scale, bias = affine_arrays(params, bshape)
-    return normalize_rms(x, axes, eps, scale, bias=bias, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
+    named = {"mask": mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
+    if rms:
+        return normalize_rms(x, axes, eps, scale, bias=bias, **named)
+    return normalize_batch(x, axes, eps, scale, bias, **named)[0]

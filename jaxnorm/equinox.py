@@ -32,20 +32,11 @@ import jax.numpy as jnp
 
 import jaxnorm
 from jaxnorm._checks import normalized_shape_tuple
-from jaxnorm._conventions import resolve_momentum
+from jaxnorm._conventions import no_plain_momentum, resolve_momentum
 
 Array = jax.Array
 _NO_STATE = object()
 _UNSET = object()
-
-
-def _no_plain_momentum(momentum: Any, layer: str) -> None:
-    if momentum is not _UNSET:
-        raise TypeError(
-            f"{layer}: `momentum`={momentum!r} is ambiguous (equinox.nn and Flax mean the decay of the old average, "
-            f"PyTorch the weight of the new batch). Give `flax_momentum`={momentum!r} for equinox's meaning or "
-            f"`torch_momentum`= for PyTorch's (default 0.1)."
-        )
 
 
 def _dtype(dtype: Any) -> Any:
@@ -80,7 +71,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                  channelwise_affine: bool = True, *, torch_momentum: float | None = 0.1,
                  flax_momentum: float | None = None, inference: bool = False, dtype: Any = None,
                  momentum: Any = _UNSET, mode: str | None = None):
-        _no_plain_momentum(momentum, "BatchNorm")
+        no_plain_momentum(momentum, "BatchNorm", _UNSET)
         if mode not in (None, "batch"):
             raise ValueError(
                 f"BatchNorm: `mode`={mode!r} is not supported: jaxnorm's BatchNorm always normalizes a training "
@@ -127,7 +118,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
                  channelwise_affine: bool = False, *, track_running_stats: bool = False,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, inference: bool = False,
                  dtype: Any = None, momentum: Any = _UNSET):
-        _no_plain_momentum(momentum, "InstanceNorm")
+        no_plain_momentum(momentum, "InstanceNorm", _UNSET)
         if track_running_stats and axis_name is None:
             raise ValueError(
                 "InstanceNorm: `track_running_stats=True` averages the per-instance statistics over the batch, so "

@@ -11,33 +11,23 @@ has ``dtype``, or x's dtype when it is None).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import jaxnorm
+from jaxnorm import _conventions as conventions
 from jaxnorm._channels import check_num_features
-from jaxnorm._conventions import (
-    compute_dtype,
-    groups,
-    instance_axes,
-    output_dtype,
-    resolve_affine,
-    resolve_momentum,
-    resolve_training,
-    row_axes,
-    running_state,
-)
-from jaxnorm._conventions import feature_axes as canonical_feature_axes
 from jaxnorm._group_norm import resolve_groups
 
 Array = jax.Array
 Axes = int | Sequence[int]
 _zeros, _ones = nnx.initializers.zeros_init(), nnx.initializers.ones_init()
 _NO_METADATA: Mapping[str, Any] = {}
+_UNSET = object()
 _KERNEL = nnx.PathContains("kernel")
 _OBSERVERS: list[Any] = []  # callbacks given each BatchNorm's input: observe_inputs
 
@@ -85,12 +75,12 @@ class _ChannelNorm(_Flax):
                  bias_metadata, nonfinite_guard=False):
         layer = type(self).__name__
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, default_affine, layer)
+        use_scale, use_bias = conventions.resolve_affine(affine, use_scale, use_bias, default_affine, layer)
         self._declare(shape, use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
                       bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
-        momentum = resolve_momentum(torch_momentum, flax_momentum, layer)
-        stats = {} if not track_running_stats else running_state(
+        momentum = conventions.resolve_momentum(torch_momentum, flax_momentum, layer)
+        stats = {} if not track_running_stats else conventions.running_state(
             shape, param_dtype=param_dtype, force_float32_reductions=force_float32_reductions,
             count=momentum.keeps_count, nonfinite_guard=nonfinite_guard)
         self.tracked = bool(stats)
@@ -104,14 +94,14 @@ class _ChannelNorm(_Flax):
         self.epsilon = epsilon
 
     def _call(self, x, use_running_average, **kw):
-        training = resolve_training(self.use_running_average, use_running_average, type(self).__name__)
+        training = conventions.resolve_training(self.use_running_average, use_running_average, type(self).__name__)
         stats = {k: getattr(self, k)[...] for k in self._stat_keys}
-        y, new = type(self)._fn(self._params(), stats, compute_dtype(x, self.dtype), training=training,
+        y, new = type(self)._fn(self._params(), stats, conventions.compute_dtype(x, self.dtype), training=training,
                                 axis=self.axis, momentum=self.momentum, eps=self.epsilon, **self._named_axis(), **kw)
         if training and self.tracked:
             for k in self._stat_keys:
                 getattr(self, k)[...] = new[k]
-        return output_dtype(y, self.dtype)
+        return conventions.output_dtype(y, self.dtype)
 
 
 class BatchNorm(_ChannelNorm):
@@ -126,7 +116,9 @@ class BatchNorm(_ChannelNorm):
                  scale_init: Any = _ones, track_running_stats: bool = True, axis_name: Hashable | None = None,
                  axis_index_groups: Any = None, use_fast_variance: bool = True, force_float32_reductions: bool = True,
                  promote_dtype: Any = None, nonfinite_guard: bool = False, rngs: nnx.Rngs | None = None,
-                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
+                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA,
+                 momentum: Any = _UNSET):
+        conventions.no_plain_momentum(momentum, "BatchNorm", _UNSET)
         super().__init__(num_features, use_running_average=use_running_average, axis=axis,
                          torch_momentum=torch_momentum, flax_momentum=flax_momentum, epsilon=epsilon, affine=affine,
                          use_scale=use_scale, use_bias=use_bias, default_affine=True,
@@ -158,7 +150,8 @@ class InstanceNorm(_ChannelNorm):
                  rngs: nnx.Rngs | None = None, bias_metadata: Mapping[str, Any] = _NO_METADATA,
                  scale_metadata: Mapping[str, Any] = _NO_METADATA):
         super().__init__(num_features, use_running_average=use_running_average,
-                         axis=instance_axes(axis, feature_axes, "InstanceNorm"), torch_momentum=torch_momentum,
+                         axis=conventions.instance_axes(axis, feature_axes, "InstanceNorm"),
+                         torch_momentum=torch_momentum,
                          flax_momentum=flax_momentum, epsilon=epsilon, affine=affine, use_scale=use_scale,
                          use_bias=use_bias, default_affine=False, track_running_stats=track_running_stats,
                          dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init,
@@ -170,10 +163,21 @@ class InstanceNorm(_ChannelNorm):
         return self._call(x, use_running_average, mask=mask)
 
 
-class _RowNorm(_Flax):
-    def __init__(self, num_features, normalized_shape, *, epsilon, elementwise_affine, use_scale, use_bias,
-                 with_bias, reduction_axes, feature_axes, dtype, param_dtype, scale_init, bias_init, axis_name,
-                 axis_index_groups, rngs, scale_metadata, bias_metadata):
+class LayerNorm(_Flax):
+    """torch.nn.LayerNorm / flax.nnx.LayerNorm: an int ``num_features`` with Flax's axes (default -1), or a
+    tuple (``normalized_shape``) for PyTorch's trailing dims."""
+
+    with_bias = True
+    _fn: ClassVar[Callable[..., Array]] = staticmethod(jaxnorm.layer_norm)
+
+    def __init__(self, num_features: int | tuple[int, ...] | None = None, *,
+                 normalized_shape: int | tuple[int, ...] | None = None, epsilon: float | None = 1e-5,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
+                 use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
+                 scale_init: Any = _ones, reduction_axes: Axes | None = None, feature_axes: Axes | None = None,
+                 axis_name: Hashable | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
+                 force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
+                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
         layer = type(self).__name__
         if num_features is not None and normalized_shape is not None:
             raise ValueError(f"{layer}: got both `num_features`={num_features!r} (Flax) and `normalized_shape`="
@@ -183,63 +187,36 @@ class _RowNorm(_Flax):
             raise TypeError(f"{layer}: give `num_features` (Flax) or `normalized_shape` (PyTorch).")
         # an int is Flax's num_features (axes: reduction_axes/feature_axes, default -1); a tuple is PyTorch's
         # normalized_shape (the trailing dims)
-        self.where = row_axes(None if isinstance(shape, int) else tuple(shape), reduction_axes, feature_axes, layer,
-                              default=-1)
-        use_scale, use_bias = resolve_affine(elementwise_affine, use_scale, use_bias if with_bias else None, True,
-                                             layer, "elementwise_affine")
-        self._declare((shape,) if isinstance(shape, int) else tuple(shape), use_scale, use_bias and with_bias,
+        self.where = conventions.row_axes(None if isinstance(shape, int) else tuple(shape), reduction_axes,
+                                          feature_axes, layer, default=-1)
+        use_scale, use_bias = conventions.resolve_affine(elementwise_affine, use_scale, use_bias, True, layer,
+                                             "elementwise_affine")
+        self._declare((shape,) if isinstance(shape, int) else tuple(shape), use_scale, use_bias and self.with_bias,
                       param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init, rngs=rngs,
                       scale_metadata=scale_metadata, bias_metadata=bias_metadata, dtype=dtype, axis_name=axis_name,
                       axis_index_groups=axis_index_groups)
         self.num_features = shape
         self.epsilon = epsilon
 
-    def _run(self, fn, x, mask):
-        y = fn(self._params(), compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask, **self.where,
-               **self._named_axis())
-        return output_dtype(y, self.dtype)
-
-
-class LayerNorm(_RowNorm):
-    """torch.nn.LayerNorm / flax.nnx.LayerNorm: an int ``num_features`` with Flax's axes (default -1), or a
-    tuple (``normalized_shape``) for PyTorch's trailing dims."""
-
-    def __init__(self, num_features: int | tuple[int, ...] | None = None, *,
-                 normalized_shape: int | tuple[int, ...] | None = None, epsilon: float = 1e-5, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
-                 use_bias: bool | None = None, use_scale: bool | None = None, bias_init: Any = _zeros,
-                 scale_init: Any = _ones, reduction_axes: Axes | None = None, feature_axes: Axes | None = None,
-                 axis_name: Hashable | None = None, axis_index_groups: Any = None, use_fast_variance: bool = True,
-                 force_float32_reductions: bool = True, promote_dtype: Any = None, rngs: nnx.Rngs | None = None,
-                 bias_metadata: Mapping[str, Any] = _NO_METADATA, scale_metadata: Mapping[str, Any] = _NO_METADATA):
-        super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
-                         use_scale=use_scale, use_bias=use_bias, with_bias=True, reduction_axes=reduction_axes,
-                         feature_axes=feature_axes, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
-                         bias_init=bias_init, axis_name=axis_name, axis_index_groups=axis_index_groups, rngs=rngs,
-                         scale_metadata=scale_metadata, bias_metadata=bias_metadata)
-
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        return self._run(jaxnorm.layer_norm, x, mask)
+        y = type(self)._fn(self._params(), conventions.compute_dtype(x, self.dtype), eps=self.epsilon, mask=mask,
+                           **self.where, **self._named_axis())
+        return conventions.output_dtype(y, self.dtype)
 
 
-class RMSNorm(_RowNorm):
-    """torch.nn.RMSNorm / flax.nnx.RMSNorm (``epsilon=None``: finfo(dtype).eps, as PyTorch)."""
+class RMSNorm(LayerNorm):
+    """torch.nn.RMSNorm / flax.nnx.RMSNorm: LayerNorm's keywords but the bias ones (``use_bias``, ``bias_init``,
+    ``bias_metadata``: Flax's RMSNorm has none); ``epsilon=None`` is finfo(dtype).eps, as PyTorch."""
 
-    def __init__(self, num_features: int | tuple[int, ...] | None = None, *,
-                 normalized_shape: int | tuple[int, ...] | None = None, epsilon: float | None = None,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, elementwise_affine: bool | None = None,
-                 use_scale: bool | None = None, scale_init: Any = _ones, reduction_axes: Axes | None = None,
-                 feature_axes: Axes | None = None, axis_name: Hashable | None = None, axis_index_groups: Any = None,
-                 use_fast_variance: bool = True, force_float32_reductions: bool = True, promote_dtype: Any = None,
-                 rngs: nnx.Rngs | None = None, scale_metadata: Mapping[str, Any] = _NO_METADATA):
-        super().__init__(num_features, normalized_shape, epsilon=epsilon, elementwise_affine=elementwise_affine,
-                         use_scale=use_scale, use_bias=None, with_bias=False, reduction_axes=reduction_axes,
-                         feature_axes=feature_axes, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
-                         bias_init=_zeros, axis_name=axis_name, axis_index_groups=axis_index_groups, rngs=rngs,
-                         scale_metadata=scale_metadata, bias_metadata=_NO_METADATA)
+    with_bias = False
+    _fn = staticmethod(jaxnorm.rms_norm)
 
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        return self._run(jaxnorm.rms_norm, x, mask)
+    def __init__(self, num_features: int | tuple[int, ...] | None = None, *, epsilon: float | None = None,
+                 **keywords: Any):
+        bias = sorted({"use_bias", "bias_init", "bias_metadata"} & set(keywords))
+        if bias:
+            raise TypeError(f"RMSNorm: got {bias}, but RMSNorm has no bias (as in Flax); drop them.")
+        super().__init__(num_features, epsilon=epsilon, **keywords)
 
 
 class GroupNorm(_Flax):
@@ -261,9 +238,9 @@ class GroupNorm(_Flax):
         if c is None:
             raise TypeError("GroupNorm: give the number of channels, `num_features` (or `num_channels`).")
         check_num_features(c, "GroupNorm")
-        self.groups = groups(num_groups, group_size)
+        self.groups = conventions.groups(num_groups, group_size)
         resolve_groups(**self.groups, c=c, layer="GroupNorm")  # the functional layer's checks, at construction
-        use_scale, use_bias = resolve_affine(affine, use_scale, use_bias, True, "GroupNorm")
+        use_scale, use_bias = conventions.resolve_affine(affine, use_scale, use_bias, True, "GroupNorm")
         self._declare((c,), use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
                       bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
@@ -271,9 +248,9 @@ class GroupNorm(_Flax):
         self.axis, self.epsilon, self.reduction_axes = axis, epsilon, reduction_axes
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        y = jaxnorm.group_norm(self._params(), compute_dtype(x, self.dtype), **self.groups, axis=self.axis,
+        y = jaxnorm.group_norm(self._params(), conventions.compute_dtype(x, self.dtype), **self.groups, axis=self.axis,
                                eps=self.epsilon, reduction_axes=self.reduction_axes, mask=mask, **self._named_axis())
-        return output_dtype(y, self.dtype)
+        return conventions.output_dtype(y, self.dtype)
 
 
 class LocalResponseNorm(nnx.Module):
@@ -288,99 +265,7 @@ class LocalResponseNorm(nnx.Module):
                                            axis=self.axis)
 
 
-class _Reparametrized(nnx.Module):
-    """Runs ``layer_instance`` with some of its params replaced by functions of them, then puts the originals
-    back: the wrapped layer keeps its trainable (unnormalized) weights, and gradients reach them through the
-    reparametrization, as with PyTorch's parametrizations and flax.linen's wrappers. (flax.nnx 0.12 instead
-    overwrites the layer's params with the normalized ones at every call.)"""
-
-    def _call_with(self, replace, x, *args, **kwargs):
-        flat = list(nnx.to_flat_state(nnx.state(self.layer_instance, nnx.Param)))
-        originals = [(param, param[...]) for _, param in flat]
-        try:
-            for path, param in flat:
-                new = replace(path, param[...])
-                if new is not None:
-                    param[...] = new
-            return self.layer_instance(x, *args, **kwargs)
-        finally:
-            for param, value in originals:
-                param[...] = value
-
-
-class SpectralNorm(_Reparametrized):
-    """flax.nnx.SpectralNorm on jaxnorm.spectral_norm: every matrix param of ``layer_instance`` (higher ranks
-    flattened to ``(-1, out)``) divided by its largest singular value during the call. ``batch_stats`` holds
-    ``path + ("u",)`` ``(1, out)`` and ``path + ("sigma",)`` as in Flax; ``update_stats`` (default: the opposite
-    of ``use_running_average``, so ``.train()``/``.eval()`` switch it) stores the refined ``u`` and ``sigma``."""
-
-    def __init__(self, layer_instance: nnx.Module, *, n_steps: int = 1, epsilon: float = 1e-12, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, error_on_non_matrix: bool = False, update_stats: bool = True,
-                 torch_order: bool = False, rngs: nnx.Rngs):
-        self.layer_instance = layer_instance
-        self.n_steps, self.epsilon, self.dtype, self.param_dtype = n_steps, epsilon, dtype, param_dtype
-        self.error_on_non_matrix, self.torch_order = error_on_non_matrix, torch_order
-        self.use_running_average = not update_stats
-        stats = {}
-        for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
-            if param.ndim <= 1 or n_steps < 1:
-                continue
-            if param.ndim > 2 and error_on_non_matrix:
-                raise ValueError(f"SpectralNorm: param {'/'.join(map(str, path))} is {param.ndim}D but "
-                                 "error_on_non_matrix is True; pass error_on_non_matrix=False to flatten it.")
-            key = rngs.params()
-            stats[path + ("u",)] = nnx.BatchStat(jax.random.normal(key, (1, param.shape[-1]), param_dtype))
-            stats[path + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
-        self.batch_stats = nnx.data(stats)
-
-    def __call__(self, x: Array, *args, update_stats: bool | None = None, **kwargs) -> Array:
-        update = not self.use_running_average if update_stats is None else update_stats
-
-        def replace(path, w):
-            if path + ("u",) not in self.batch_stats:
-                return None
-            u_var, sigma_var = self.batch_stats[path + ("u",)], self.batch_stats[path + ("sigma",)]
-            w_bar, u, sigma = jaxnorm.spectral_norm(w, u_var[...].reshape(-1), n_steps=self.n_steps,
-                                                    eps=self.epsilon, axis=-1, torch_order=self.torch_order)
-            if update:
-                u_var[...] = u.reshape(1, -1).astype(u_var[...].dtype)
-                sigma_var[...] = sigma.astype(sigma_var[...].dtype)
-            return output_dtype(w_bar, self.dtype)
-
-        return self._call_with(replace, x, *args, **kwargs)
-
-
-class WeightNorm(_Reparametrized):
-    """flax.nnx.WeightNorm on jaxnorm.weight_norm: the params of ``layer_instance`` that ``variable_filter``
-    selects become ``scale * v / ||v||`` (norm over all but ``feature_axes``) during the call; the scales live in
-    ``scales`` keyed by the param's path, as in Flax."""
-
-    def __init__(self, layer_instance: nnx.Module, *, feature_axes: Axes | None = -1, use_scale: bool = True,
-                 scale_init: Any = _ones, epsilon: float = 1e-12, dtype: Any = None, param_dtype: Any = jnp.float32,
-                 variable_filter: Any = _KERNEL, promote_dtype: Any = None, rngs: nnx.Rngs):
-        self.layer_instance = layer_instance
-        self.feature_axes, self.use_scale, self.epsilon = feature_axes, use_scale, epsilon
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.variable_filter = nnx.filterlib.to_predicate(variable_filter)
-        scales = None
-        if use_scale:
-            scales = {}
-            for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
-                if self.variable_filter(path, param):
-                    feats = () if feature_axes is None else canonical_feature_axes(param.ndim, feature_axes)
-                    scales[path] = scale_init(rngs["params"], tuple(param.shape[a] for a in feats), param_dtype)
-        self.scales = nnx.data(scales)
-
-    def __call__(self, x: Array, *args, **kwargs) -> Array:
-        def replace(path, w):
-            if not self.variable_filter(path, nnx.Param(w)):
-                return None
-            scale = self.scales[path] if self.use_scale else None
-            return output_dtype(jaxnorm.weight_norm(w, scale, feature_axes=self.feature_axes, eps=self.epsilon),
-                                self.dtype)
-
-        return self._call_with(replace, x, *args, **kwargs)
-
+from jaxnorm._nnx_weight_norms import SpectralNorm, WeightNorm  # noqa: E402  (they wrap any NNX layer)
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm", "SpectralNorm",
            "WeightNorm"]
