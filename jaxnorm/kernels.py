@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["enable_pallas", "pallas", "pallas_enabled", "row_norm_backward", "row_norm_forward"]
+__all__ = ["enable_pallas", "pallas", "pallas_enabled", "row_norm_backward", "row_norm_forward", "row_norm_vjp"]
 
 _STATE = {"enabled": False, "interpret": False}
 
@@ -216,3 +216,34 @@ def row_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Ar
         name="jaxnorm_layer_norm_bwd" if centre else "jaxnorm_rms_norm_bwd",
     )(x, dy, mean.astype(jnp.float32), rstd.astype(jnp.float32), scale2)
     return dx, jnp.sum(dscale, axis=0), jnp.sum(dbias, axis=0)
+
+
+def row_norm_vjp(centre: bool, eps: float, *, interpret: bool = False):
+    """Experimental, reverse mode only: ``f(params, x)``, LayerNorm (``centre``) or RMSNorm of a 2-D ``x`` by
+    :func:`row_norm_forward`, differentiated by :func:`row_norm_backward` through a ``jax.custom_vjp``.
+
+    Not the library's path: a ``custom_vjp`` loses forward mode (``jvp``, ``jacfwd``, Hessians), which the layers
+    keep. It exists so the benchmark can measure on a GPU what the backward kernel would gain. ``params`` holds
+    ``"scale"`` and, optionally, ``"bias"`` (``(cols,)`` each).
+    """
+    def forward(params, x):
+        return row_norm_forward(x, params["scale"], params.get("bias"), eps, centre=centre, interpret=interpret)
+
+    @jax.custom_vjp
+    def rows(params, x):
+        return forward(params, x)[0]
+
+    def rows_fwd(params, x):
+        y, mean, var = forward(params, x)
+        return y, (params, x, mean, jax.lax.rsqrt(var + eps))
+
+    def rows_bwd(residuals, dy):
+        params, x, mean, rstd = residuals
+        dx, dscale, dbias = row_norm_backward(x, dy, mean, rstd, params["scale"], centre=centre, interpret=interpret)
+        grads = {"scale": dscale.astype(params["scale"].dtype)}
+        if "bias" in params:
+            grads["bias"] = dbias.astype(params["bias"].dtype)
+        return grads, dx
+
+    rows.defvjp(rows_fwd, rows_bwd)
+    return rows

@@ -75,12 +75,16 @@ def recalibrate(model: Any, *args: Any, num_batches: int | None = None, progress
         if len(args) != 1:
             raise TypeError("recalibrate: an NNX model takes (model, batches, ...); its variables are the model's.")
         return _recalibrate_nnx(model, args[0], num_batches=num_batches, progress=progress, **call_kwargs)
-    raise TypeError(
-        f"recalibrate: `model` must be a flax.linen or flax.nnx Module, got {type(model).__name__}. "
-        "jaxnorm.equinox BatchNorms see one example under the caller's jax.vmap, so recalibrate cannot read their "
-        "batch moments: run the batches in training mode with torch_momentum=None (the cumulative average, as "
-        "torch.optim.swa_utils.update_bn) on fresh running statistics instead."
-    )
+    if type(model).__module__.split(".")[0] == "equinox" or any(
+            c.__module__.startswith("equinox") for c in type(model).__mro__):
+        raise TypeError(
+            f"recalibrate: Equinox models are not supported (got {type(model).__name__}): a jaxnorm.equinox "
+            "BatchNorm sees one example under the caller's jax.vmap, so the batch's moments exist only inside that "
+            "vmap and recalibrate cannot read them. Run the batches in training mode through BatchNorms made with "
+            "torch_momentum=None (the cumulative average, what torch.optim.swa_utils.update_bn computes) on fresh "
+            "running statistics instead."
+        )
+    raise TypeError(f"recalibrate: `model` must be a flax.linen or flax.nnx Module, got {type(model).__name__}.")
 
 
 def _inputs(batches: Iterable[Any], num_batches: int | None, progress: bool) -> Iterator[Any]:

@@ -179,38 +179,39 @@ def test_benchmark_smoke_run_writes_a_table(tmp_path, capsys):
     assert "| case | floor |" in out and "| case | MB | jaxnorm fwd | jaxnorm Pallas fwd |" in out
 
 
-def test_benchmark_reports_a_failing_column_and_goes_on(monkeypatch):
+def test_benchmark_reports_a_failing_column_and_goes_on():
     """A column that cannot run (PyTorch without a kernel for a dtype on a device, a kernel that does not compile)
     is left out of its case with the error recorded; the case's other columns are still timed."""
-    pytest.importorskip("torch")
-    from experiments import benchmark
+    import dataclasses
 
-    def broken(*args, **kwargs):
+    from experiments.benchmark import implementations, runner
+
+    def broken(*args):
         def fail():
             raise RuntimeError("no kernel for this dtype")
-        return fail, fail, fail
+        return implementations.Fns(fail, fail, fail, lambda out: out)
 
-    monkeypatch.setattr(benchmark, "_torch_fns", broken)
-    row = benchmark.run_case("ln 8x6", "ln", (8, 6), "float32", {}, runs=1, with_torch=True, settle=0.0)
+    columns = [dataclasses.replace(i, build=broken) if i.name == "torch" else i
+               for i in implementations.IMPLEMENTATIONS]
+    setting = implementations.Setting(with_torch=True, pallas=False)
+    row = runner.run_case("ln 8x6", "ln", (8, 6), "float32", {}, 1, setting, settle=0.0, implementations=columns)
     assert "torch" not in row and "no kernel for this dtype" in row["errors"]["torch"]
     assert row["jaxnorm"]["fwd_train"] > 0 and row["ratios"]["fwd_train/best_peer"] > 0  # against flax
 
 
 def test_benchmark_times_what_it_names():
-    """The Pallas column traces the kernel and the others do not; the forward+backward returns y, the statistics'
+    """The Pallas columns trace the kernels and the others do not; the forward+backward returns y, the statistics'
     update and the gradients (a training step's share), and every implementation writes the input's dtype."""
-    import jax
-    import jax.numpy as jnp
-
-    from experiments import benchmark
+    from experiments.benchmark.implementations import jax_fns
 
     results = {}
     for impl in ("jaxnorm", "jaxnorm_pallas", "pallas_vjp", "flax"):
-        _, _, fwd_bwd, (f, params, x, g, context) = benchmark._jax_fns("ln", (8, 6), "bfloat16", {}, impl)
-        with context():
-            jaxpr = str(jax.make_jaxpr(f)(params, x, g))
+        fns = jax_fns(impl, "ln", (8, 6), "bfloat16", {})
+        with fns.context():
+            jaxpr = str(jax.make_jaxpr(fns.program)(*fns.args))
         assert jaxpr.count("pallas_call") == {"jaxnorm_pallas": 1, "pallas_vjp": 2}.get(impl, 0), impl
-        y, updates, (dparams, dx) = results[impl] = fwd_bwd()
+        y, updates, (dparams, dx) = results[impl] = fns.fwd_bwd()
+        x = fns.args[1]
         chex.assert_type([y, dx], jnp.bfloat16)
         chex.assert_shape([y, dx], x.shape)
         assert updates is None and set(dparams) == {"scale", "bias"}, impl
@@ -218,8 +219,7 @@ def test_benchmark_times_what_it_names():
         for got, want in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results["jaxnorm"]), strict=True):
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2,
                                        atol=2e-2)
-    _, _, fwd_bwd, _ = benchmark._jax_fns("bn", (4, 3, 2, 2), "float32", {}, "flax")
-    y, updates, _ = fwd_bwd()
+    y, updates, _ = jax_fns("flax", "bn", (4, 3, 2, 2), "float32", {}).fwd_bwd()
     assert set(updates["batch_stats"]) == {"mean", "var"} and y.shape == (4, 2, 2, 3)
 
 

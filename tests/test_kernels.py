@@ -217,3 +217,20 @@ def test_plain_statistics_are_exact_far_from_zero_and_branch_free(case):
         ref_m2 = np.repeat(((view - gm) ** 2).sum(red, keepdims=True)[..., 0], shape[-1] // groups[1], -1)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
     np.testing.assert_allclose(m2, ref_m2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("centre", [True, False], ids=["layer", "rms"])
+def test_experimental_kernel_pair_gives_the_xla_layers_gradients(centre):
+    """``row_norm_vjp`` (both kernels behind a custom_vjp, reverse mode only): values and gradients of the XLA
+    layer, over several tiles of rows."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(70, 24)) + 2, jnp.float32)
+    params = {"scale": jnp.asarray(rng.normal(size=24), jnp.float32)}
+    if centre:
+        params["bias"] = jnp.asarray(rng.normal(size=24), jnp.float32)
+    layer = jaxnorm.layer_norm if centre else jaxnorm.rms_norm
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+    pair = kernels.row_norm_vjp(centre, 1e-5, interpret=True)
+    xla = lambda p, x: layer(p, x, normalized_shape=24, eps=1e-5)
+    got, want = (jax.jit(jax.value_and_grad(loss(f), (0, 1)))(params, x) for f in (pair, xla))
+    chex.assert_trees_all_close(got, want, **tol("float32", "grad"))

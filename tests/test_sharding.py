@@ -359,3 +359,20 @@ def test_two_processes_train_like_one_device_on_the_global_batch(tmp_path, capsy
         for key, diff in diffs.items():
             assert diff < 1e-5, (way, key, diff)
     assert "2 processes x 2 devices" in capsys.readouterr().out
+
+
+def test_instance_norm_running_statistics_over_a_batch_split_across_devices(mesh):
+    """``batch_axis_name``: each device normalizes its own examples; the running statistics average the
+    per-instance statistics over every device's examples, as one device does over the whole batch."""
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(16, 3, 5)) * 2 + 1, jnp.float32)
+    params, stats = jaxnorm.instance_norm_init(3, affine=True, track_running_stats=True)
+    step = lambda x, **kw: jaxnorm.instance_norm(params, stats, x, training=True, momentum=0.3, **kw)
+    y_ref, s_ref = jax.jit(step)(x)
+    y, s = jax.jit(jax.shard_map(lambda x: step(x, batch_axis_name="batch"), mesh=mesh, in_specs=P("batch"),
+                                 out_specs=(P("batch"), P())))(x)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6)
+    chex.assert_trees_all_close(s, s_ref, rtol=2e-6, atol=1e-6)
+    per_device = lambda x: jax.tree.map(lambda t: t[None], step(x)[1])  # without it: each device's own examples
+    s_local = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))(x)
+    assert not np.allclose(s_local["var"][0], s_ref["var"])

@@ -4,15 +4,18 @@ test_low_precision.py)."""
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxnorm
 from experiments import _common, lenet
 from jaxnorm import linen as jl
+from jaxnorm import nnx as jn
 from jaxnorm.precise_bn import recalibrate
 
 RNG = np.random.default_rng(0)
@@ -194,6 +197,66 @@ def test_recalibrate_gives_the_exact_population_statistics():
         assert np.all(np.isfinite(new[path]["var"])) and not np.allclose(new[path]["var"], 1.0)
     with pytest.raises(ValueError, match="yielded no batch"):
         recalibrate(model, variables, iter([]), train=True, progress=False)
+
+
+class _TupleAxisNet(nn.Module):
+    """A BatchNorm over two feature axes (linen.BatchNorm's tuple ``axis``), then one whose statistics skip the
+    positions a mask drops."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(jl.BatchNorm(use_running_average=False, axis=(1, 2))(x))
+        return jl.BatchNorm(use_running_average=False)(h, mask=x[..., :1] > -0.5)
+
+
+def test_recalibrate_accepts_every_axis_linen_batch_norm_accepts_and_its_mask():
+    data = [jnp.asarray(RNG.normal(size=(8, 3, 2)) * (i + 1) + i / 2, jnp.float32) for i in range(3)]
+    model = _TupleAxisNet()
+    variables = model.init(jax.random.key(0), data[0])
+    new = recalibrate(model, variables, iter(data), progress=False)
+    seen = np.concatenate([np.asarray(d, np.float64) for d in data])
+    np.testing.assert_allclose(new["BatchNorm_0"]["mean"], seen.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["BatchNorm_0"]["var"], seen.var(0, ddof=1), rtol=1e-5)
+    # the second layer's input, batch by batch (the first normalizes each batch with its own statistics)
+    h = np.concatenate([np.tanh((d - d.mean(0)) / np.sqrt(d.var(0) + 1e-5)) for d in seen.reshape(3, 8, 3, 2)])
+    kept = h[np.broadcast_to(seen[..., :1] > -0.5, h.shape)].reshape(-1, 2)
+    np.testing.assert_allclose(new["BatchNorm_1"]["mean"], kept.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["BatchNorm_1"]["var"], kept.var(0, ddof=1), rtol=1e-5, atol=1e-6)
+
+
+class _NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.bn0 = jn.BatchNorm(4, rngs=rngs)
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+        self.bn1 = jn.BatchNorm(3, axis=-1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn1(self.dense(self.bn0(x)) + self.bn0(2 * x).mean())  # bn0 is called twice
+
+
+def test_recalibrate_an_nnx_model_in_place_equals_the_linen_population_statistics():
+    data = [jnp.asarray(RNG.normal(size=(16, 4)) * (i + 1) + i, jnp.float32) for i in range(4)]
+    model = _NNXNet(nnx.Rngs(0))
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+    assert recalibrate(model, iter(data), num_batches=3, progress=False) is model
+    seen = np.concatenate([np.asarray(d, np.float64) for d in data[:3]] + [2 * np.asarray(d, np.float64)
+                                                                             for d in data[:3]])
+    np.testing.assert_allclose(model.bn0.mean[...], seen.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn0.var[...], seen.var(0, ddof=1), rtol=1e-5)
+    assert int(model.bn0.count[...]) == before[("bn0", "count")]  # count untouched, nothing else trained
+    assert not np.allclose(model.bn1.var[...], before[("bn1", "var")])
+    model.eval()
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn0' is in evaluation mode; call model.train\(\) first"):
+        recalibrate(model, iter(data), progress=False)
+
+
+def test_recalibrate_says_why_it_cannot_read_equinox_batch_norms():
+    eqx = pytest.importorskip("equinox")
+    from jaxnorm import equinox as je
+
+    bn = eqx.nn.make_with_state(je.BatchNorm)(3, "batch")[0]
+    with pytest.raises(TypeError, match=r"sees one example under the caller's jax.vmap.*torch_momentum=None"):
+        recalibrate(bn, iter([jnp.ones((4, 3))]))
 
 
 # ------------------------------------------------------------------ non-finite guard
