@@ -23,7 +23,7 @@ from jaxnorm._derivative import normalize_batch
 from jaxnorm._moments import moments
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import running_arrays, update_running
-from jaxnorm._statistics import stats_dtype
+from jaxnorm._statistics import real_dtype, stats_dtype
 
 Array = jax.Array
 _LAYER = "batch_norm"
@@ -87,7 +87,7 @@ def batch_norm(
     update with the average of the sub-batch means and (unbiased) variances, as Keras does.
     """
     training = check_training(training, _LAYER)
-    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`", complex_ok=True)
     feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
     check_channel_state(params, batch_stats, fshape, _LAYER, "batch_norm_init")
     eps = check_eps(eps, _LAYER)
@@ -113,19 +113,20 @@ def batch_norm(
             y_ghost = normalize(xg, gmean, gvar, eps, *(
                 None if p is None else p.reshape((1,) + bshape) for p in (scale, bias)))
             y = y_ghost.reshape(x.shape)
-            mean, var = jnp.mean(gmean, 0), jnp.mean(gvar, 0)
+            mean, var, count = jnp.mean(gmean, 0), jnp.mean(gvar, 0), count[0]  # count: one sub-batch's
         else:
             y, mean, var, count = normalize_batch(
                 x, reduction_axes, eps, scale, bias, mask=mask, axis_name=axis_name,
                 axis_index_groups=axis_index_groups,
             )
     else:
-        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
+        mean, var = running_arrays(batch_stats, real_dtype(stats_dtype(x.dtype)), bshape)
         y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         new_stats = update_running(
-            batch_stats, mean.reshape(fshape), var.reshape(fshape), count.reshape(-1)[0], momentum,
+            batch_stats, mean.reshape(fshape), var.reshape(fshape), jnp.broadcast_to(count, mean.shape).reshape(fshape),
+            momentum,
             running_var_unbiased,
         )
         return y, new_stats

@@ -31,15 +31,10 @@ def channel_init(num_features: Any, *, affine: bool, track_running_stats: bool, 
 
 
 def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:
-    """``(feature axes, feature shape, mask)`` for a per-channel layer whose ``axis`` is an int or a tuple."""
+    """``(feature axes, feature shape, mask)`` for a per-channel layer whose ``axis`` is an int or a tuple; the
+    mask may differ between channels (each channel then has its own count, as in Flax)."""
     feats = canonical_axes(axis, x.ndim, layer, name="axis")
-    mask = check_mask(mask, x, layer)
-    if mask is not None and any(mask.shape[a] != 1 for a in feats):
-        raise ValueError(
-            f"{layer}: `mask` must not vary along the channel axis {feats if len(feats) > 1 else feats[0]}, got "
-            f"mask shape {tuple(mask.shape)}; use size 1 there."
-        )
-    return feats, tuple(x.shape[a] for a in feats), mask
+    return feats, tuple(x.shape[a] for a in feats), check_mask(mask, x, layer)
 
 
 def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, ...], layer: str, init: str) -> None:
@@ -53,7 +48,7 @@ def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, 
     fix = f"Create matching state with jaxnorm.{init}({size}, ...)."
     check_affine(params, fshape, layer, fix)
     if isinstance(batch_stats, dict) and batch_stats:
-        expected = {"mean": (fshape, "float"), "var": (fshape, "float")}
+        expected = {"mean": (fshape, "inexact"), "var": (fshape, "float")}  # complex inputs: a complex mean
         for key in ("count", "skipped"):
             if key in batch_stats:
                 expected[key] = ((), "int")
@@ -65,7 +60,7 @@ def check_channel_state(params: Any, batch_stats: Any, fshape: int | tuple[int, 
 def check_affine(params: Any, fshape: tuple[int, ...], layer: str, fix: str) -> None:
     """Per-channel params: {"scale", "bias"}, either one alone (Flax's use_scale/use_bias), or {}."""
     keys = [k for k in ("scale", "bias") if isinstance(params, dict) and k in params] if params else []
-    check_state(params, {k: (fshape, "float") for k in keys or ["scale", "bias"]} if params else {},
+    check_state(params, {k: (fshape, "inexact") for k in keys or ["scale", "bias"]} if params else {},
                 arg="params", layer=layer, fix=fix)
 
 

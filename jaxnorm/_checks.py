@@ -23,13 +23,16 @@ def check_training(training: Any, layer: str) -> bool:
     )
 
 
-def check_input(x: Any, layer: str, *, min_ndim: int, what: str) -> Array:
+def check_input(x: Any, layer: str, *, min_ndim: int, what: str, complex_ok: bool = False) -> Array:
+    """x as a JAX array of a floating-point dtype (or complex, for the layers that normalize complex arrays)."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{layer}: `x` must be a JAX or NumPy array, got {type(x).__name__}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if complex_ok and jnp.issubdtype(x.dtype, jnp.complexfloating):
+        pass
+    elif not jnp.issubdtype(x.dtype, jnp.floating):
+        kinds = "a floating-point or complex" if complex_ok else "a floating-point"
         raise TypeError(
-            f"{layer}: `x` must have a floating-point dtype, got {x.dtype}. "
-            "Cast it first, e.g. x.astype(jnp.float32)."
+            f"{layer}: `x` must have {kinds} dtype, got {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."
         )
     if x.ndim < min_ndim:
         raise ValueError(f"{layer}: `x` must have {what}, got shape {tuple(x.shape)} (rank {x.ndim}).")
@@ -94,7 +97,8 @@ def check_state(
 ) -> None:
     """Check that ``state`` is a dict with exactly ``expected`` keys, shapes and dtype kinds.
 
-    ``expected`` maps key -> (shape, kind) with kind "float" or "int". An empty ``expected`` means ``{}``.
+    ``expected`` maps key -> (shape, kind) with kind "float", "inexact" (floating or complex: a running mean of
+    complex inputs) or "int". An empty ``expected`` means ``{}``.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{layer}: `{arg}` must be a dict, got {type(state).__name__}. {fix}")
@@ -112,12 +116,13 @@ def check_state(
             raise ValueError(
                 f"{layer}: `{arg}['{key}']` has shape {vshape} but the input needs {tuple(shape)}. {fix}"
             )
-        ok = vdtype is not None and (
-            jnp.issubdtype(vdtype, jnp.floating) if kind == "float" else jnp.issubdtype(vdtype, jnp.integer)
-        )
-        if not ok:
-            want_kind = "a floating-point" if kind == "float" else "an integer"
+        if vdtype is None or not jnp.issubdtype(vdtype, _KINDS[kind][0]):
+            want_kind = _KINDS[kind][1]
             raise TypeError(f"{layer}: `{arg}['{key}']` must have {want_kind} dtype, got {vdtype}. {fix}")
+
+
+_KINDS = {"float": (jnp.floating, "a floating-point"), "inexact": (jnp.inexact, "a floating-point or complex"),
+          "int": (jnp.integer, "an integer")}
 
 
 def normalized_shape_tuple(normalized_shape: Any, layer: str) -> tuple[int, ...]:
@@ -148,18 +153,22 @@ def check_trailing_shape(x: Array, normalized_shape: tuple[int, ...], layer: str
 
 
 def check_mask(mask: Any, x: Array, layer: str) -> Array | None:
+    """A boolean mask that broadcasts to x as NumPy broadcasts (a lower rank lines up with x's trailing dims, as in
+    Flax), returned at x's rank (size-1 dims where it is shared)."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{layer}: `mask` must be a boolean array (True = use this value), got dtype {mask.dtype}.")
-    if mask.ndim != x.ndim or any(m not in (1, d) for m, d in zip(mask.shape, x.shape, strict=True)):
+    full = (1,) * (x.ndim - mask.ndim) + tuple(mask.shape)
+    if mask.ndim > x.ndim or any(m not in (1, d) for m, d in zip(full, x.shape, strict=True)):
         raise ValueError(
             f"{layer}: `mask` has shape {tuple(mask.shape)}, which does not broadcast to x's shape "
-            f"{tuple(x.shape)}; give it x's rank with size-1 dims where it is shared, e.g. "
-            f"{(x.shape[0],) + (1,) * (x.ndim - 1)} for one flag per example."
+            f"{tuple(x.shape)}: it lines up with x's trailing dims, each of size 1 or x's, e.g. "
+            f"{(x.shape[0],) + (1,) * (x.ndim - 1)} for one flag per example or {tuple(x.shape[1:])} for one per "
+            "position of every example."
         )
-    return mask
+    return mask.reshape(full)
 
 
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:

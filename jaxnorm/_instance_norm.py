@@ -25,7 +25,7 @@ from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momen
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import running_arrays, update_running
-from jaxnorm._statistics import stats_dtype
+from jaxnorm._statistics import real_dtype, stats_dtype
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -58,8 +58,8 @@ def instance_norm(
 
     ``x`` is ``(N, ..., C, ...)`` with the batch on axis 0 and channels on ``axis`` (a tuple of axes gives
     per-feature statistics and params over all of them, as Flax's ``feature_axes``); for an unbatched ``(C, L)``
-    input use ``x[None]`` or ``jax.vmap``. ``mask`` (bool, broadcastable to ``x``, constant along the channels)
-    excludes positions from the statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
+    input use ``x[None]`` or ``jax.vmap``. ``mask`` (bool, broadcastable to ``x``) excludes positions from the
+    statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
     (the spatial axes split over devices). ``batch_axis_name`` is the named axis the batch's examples are mapped
     over (a ``jax.vmap`` over examples, as Equinox calls a layer, or the batch split over devices): the running
     statistics then average the per-instance statistics over all of them, as over the batch axis.
@@ -69,7 +69,10 @@ def instance_norm(
         x,
         _LAYER,
         min_ndim=3,
-        what="rank >= 3: (N, C, spatial...). For an unbatched (C, L) input use x[None] or jax.vmap",
+        what="rank >= 3, (N, C, spatial...): each (example, channel) normalized over its spatial values (a rank-2 "
+             "input has one value per channel, as PyTorch refuses). For an unbatched (C, L) input use x[None] or "
+             "jax.vmap",
+        complex_ok=True,
     )
     feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
     if 0 in feats:
@@ -90,21 +93,31 @@ def instance_norm(
         y, mean, var, count = normalize_batch(x, spatial, eps, scale, bias, mask=mask, axis_name=axis_name,
                                               axis_index_groups=axis_index_groups)
     else:
-        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
+        mean, var = running_arrays(batch_stats, real_dtype(stats_dtype(x.dtype)), bshape)
         y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         if momentum is None:  # PyTorch passes momentum 0.0 here: statistics stay put
             return y, batch_stats
-        per_channel = tuple(i for i in range(x.ndim) if i not in feats)
-        inst_mean = jnp.mean(mean, per_channel)
-        # the unbiased factor n/(n-1) uses each instance's own count (all equal without a mask)
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        inst_var = jnp.mean(unbiased, per_channel)
-        if batch_axis_name is not None:  # every device holds as many examples (vmap: one; shard_map: even shards)
-            inst_mean, inst_var = jax.lax.pmean((inst_mean, inst_var), batch_axis_name)
+        inst_mean, inst_var, valid = _batch_average(mean, var, count, feats, batch_axis_name)
         # PyTorch's InstanceNorm never counts batches
         new_stats = update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False,
-                                   count_batches=False)
+                                   count_batches=False, valid=valid)
         return y, new_stats
     return y, batch_stats
+
+
+def _batch_average(mean, var, count, feats, batch_axis_name):
+    """PyTorch's running-statistics input: the batch average of the per-instance means and unbiased variances
+    (``n / (n - 1)`` from each instance's own count). Under a mask, an instance with no value in a channel adds no
+    mean there, one with a single value no variance; ``valid`` says which channels have any (over every device of
+    ``batch_axis_name``: the examples mapped or split across devices)."""
+    per_channel = tuple(i for i in range(mean.ndim) if i not in feats)
+    count = jnp.broadcast_to(count, mean.shape)
+    has_mean, has_var = (count > 0).astype(var.dtype), (count > 1).astype(var.dtype)
+    unbiased = var * (count / jnp.maximum(count - 1, 1))
+    sums = [jnp.sum(t, per_channel) for t in (mean * has_mean, has_mean, unbiased * has_var, has_var)]
+    if batch_axis_name is not None:
+        sums = jax.lax.psum(sums, batch_axis_name)
+    mean_sum, n_mean, var_sum, n_var = sums
+    return mean_sum / jnp.maximum(n_mean, 1), var_sum / jnp.maximum(n_var, 1), (n_mean > 0, n_var > 0)
