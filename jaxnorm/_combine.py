@@ -4,7 +4,7 @@ Chan et al.'s formula for disjoint parts with counts ``n_i``, means ``mean_i`` a
 deviations): ``n = sum(n_i)``, ``mean = sum(n_i mean_i) / n``, ``M2 = sum(M2_i + n_i (mean_i - mean)^2)``. It
 weights uneven parts (a mask, a short last batch) correctly, where averaging the parts' means and variances
 does not. ``combine`` applies it to parts stacked on a leading axis (also how ``jaxnorm.precise_bn`` merges
-batches); ``across_devices`` gathers every device's part for it.
+batches); ``across_devices`` gathers every device's part for it. Complex means: ``|mean_i - mean|^2``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm._statistics import abs2
+
 Array = jax.Array
 
 SLOTS_MAX_DEVICES = 64  # up to this many devices on the axis the parts are gathered in one collective
@@ -24,7 +26,7 @@ def combine(counts: Array, means: Array, m2s: Array) -> tuple[Array, Array, Arra
     """(count, mean, M2) of the union of the parts stacked on axis 0 of each argument."""
     total = jnp.sum(counts, 0, keepdims=True)
     mean_all = jnp.sum(counts * means, 0, keepdims=True) / jnp.maximum(total, 1)
-    return total[0], mean_all[0], jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
+    return total[0], mean_all[0], jnp.sum(m2s + counts * abs2(means - mean_all), 0)
 
 
 def across_devices(count: Array, mean: Array, m2: Array, axis_name: Any, groups: Any) -> tuple[Array, Array, Array]:
@@ -37,6 +39,10 @@ def across_devices(count: Array, mean: Array, m2: Array, axis_name: Any, groups:
     Both are the same exact formula.
     """
     count = jnp.broadcast_to(count, mean.shape)
+    if jnp.iscomplexobj(mean):  # the collectives carry real parts: |d|^2 = re^2 + im^2, so the M2s add up
+        total, re, m2_re = across_devices(count, mean.real, m2, axis_name, groups)
+        _, im, m2_im = across_devices(count, mean.imag, jnp.zeros_like(m2), axis_name, groups)
+        return total, jax.lax.complex(re, im), m2_re + m2_im
     if jax.lax.axis_size(axis_name) <= SLOTS_MAX_DEVICES:
         return combine(*device_slots(jnp.stack([count, mean, m2]), axis_name, groups))
     total, weighted = group_psum(jnp.stack([count, count * mean]), axis_name, groups)

@@ -4,8 +4,10 @@
 call. Without a mask or a named axis they run ``_normalize_fused``, whose derivative is the closed-form tangent
 map ``_normalize_tangents``: linear in the tangents, so forward mode evaluates it as written and reverse mode is
 JAX's transpose of it, and every transformation works (jvp, jacfwd, linearize, grad, jacrev, both Hessian
-orders, under vmap, checkpoint and scan), with reverse mode saving only x and the small statistics. With a mask
-or a named axis the statistics (``jaxnorm._moments``) are differentiated by JAX itself.
+orders, under vmap, checkpoint and scan), with reverse mode saving only x and the small statistics. With a mask,
+a named axis or complex x or params (the tangent map is written for real arithmetic: ``|x - mean|^2`` is not
+holomorphic)
+the statistics (``jaxnorm._moments``) are differentiated by JAX itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from jaxnorm._xla_cpu import cpu_barrier
 Array = jax.Array
 
 
+def _complex(*arrays: Array | None) -> bool:
+    return any(a is not None and jnp.iscomplexobj(a) for a in arrays)
+
+
 def normalize_batch(x: Array, reduction_axes: Sequence[int], eps: float, scale: Array | None = None,
                     bias: Array | None = None, *, groups: tuple[int, int] | None = None, mask: Array | None = None,
                     axis_name: Hashable | None = None, axis_index_groups: Any = None
@@ -38,7 +44,7 @@ def normalize_batch(x: Array, reduction_axes: Sequence[int], eps: float, scale: 
     of ``_normalize_tangents`` (a ``custom_jvp``), so forward and reverse mode both get the textbook batch-norm
     derivative instead of differentiating the statistics' passes; the results are the same to rounding.
     """
-    if mask is None and axis_name is None:
+    if mask is None and axis_name is None and not _complex(x, scale, bias):
         axes = tuple(reduction_axes)
         y, mean, var = _normalize_fused(x, axes, groups, float(eps), True, kernels._mode(), scale, bias)
         count = jnp.full((1,) * x.ndim, group_count(x.shape, axes, groups), mean.dtype)
@@ -59,7 +65,7 @@ def normalize_rms(x: Array, reduction_axes: Sequence[int], eps: float, scale: Ar
     full-size temporaries: the broadcast scale, 1/rms, their product and ``x * dy``). With ``mask`` or
     ``axis_name`` the statistic is ``mean_square``'s and JAX differentiates it.
     """
-    if mask is None and axis_name is None:
+    if mask is None and axis_name is None and not _complex(x, scale, bias):
         return _normalize_fused(x, tuple(reduction_axes), None, float(eps), False, kernels._mode(), scale, bias)[0]
     ms = mean_square(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     return normalize(x, None, ms, eps, scale, bias)

@@ -86,7 +86,7 @@ def group_norm(
     ``mask`` (bool, broadcastable to ``x``; it may vary along the channels) excludes positions from the
     statistics; ``axis_name`` combines them exactly across a mapped/sharded axis.
     """
-    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
+    x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`", complex_ok=True)
     ax = canonical_axis(axis, x.ndim, _LAYER)
     if ax == 0 and reduction_axes is None:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")

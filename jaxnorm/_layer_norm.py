@@ -78,13 +78,13 @@ def _layout(
     """
     if "normalized_shape" in row_axes(normalized_shape, reduction_axes, feature_axes, layer):
         shape = normalized_shape_tuple(normalized_shape, layer)
-        x = check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims")
+        x = check_input(x, layer, min_ndim=len(shape), what=f"at least {len(shape)} dims", complex_ok=True)
         check_trailing_shape(x, shape, layer)
         axes = tuple(range(x.ndim - len(shape), x.ndim))
         pshape = shape
         bshape = (1,) * (x.ndim - len(shape)) + shape
     else:
-        x = check_input(x, layer, min_ndim=1, what="at least 1 dim")
+        x = check_input(x, layer, min_ndim=1, what="at least 1 dim", complex_ok=True)
         axes = canonical_axes(reduction_axes, x.ndim, layer, name="reduction_axes")
         feats = axes if feature_axes is None else canonical_axes(feature_axes, x.ndim, layer, name="feature_axes")
         pshape = tuple(x.shape[a] for a in feats)
@@ -92,7 +92,7 @@ def _layout(
     init = f"jaxnorm.{layer}_init({pshape if len(pshape) > 1 else pshape[0]}, ...)"
     keys = sorted(params.keys()) if isinstance(params, dict) else None
     layout = next((k for k in allowed if k == keys), allowed[-1])
-    check_state(params, {k: (pshape, "float") for k in layout}, arg="params", layer=layer,
+    check_state(params, {k: (pshape, "inexact") for k in layout}, arg="params", layer=layer,
                 fix=f"Create matching params with {init}.")
     return x, axes, bshape, check_mask(mask, x, layer)
 
@@ -132,7 +132,7 @@ def _row_norm(layer, params, x, normalized_shape, eps, reduction_axes, feature_a
     x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
                                     [[], ["scale"], ["bias"], ["bias", "scale"]])
     rms = layer == "rms_norm"
-    eps = float(jnp.finfo(x.dtype).eps) if rms and eps is None else check_eps(eps, layer)
+    eps = float(jnp.finfo(x.dtype).eps) if rms and eps is None else check_eps(eps, layer)  # finfo: real eps
     scale, bias = affine_arrays(params, bshape)
     named = {"mask": mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
     if rms:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxnorm._combine import across_devices, group_psum
 from jaxnorm._platform import own_moments
-from jaxnorm._statistics import group_count, masked_moments, square_mean, stats_dtype, sum_over, variance
+from jaxnorm._statistics import abs2, group_count, masked_moments, square_mean, stats_dtype, sum_over, variance
 
 Array = jax.Array
 
@@ -35,7 +35,8 @@ def moments(
     True positions count. With ``axis_name`` every device's (count, mean, M2) is combined exactly (Chan et al.),
     so uneven per-device counts are weighted correctly. ``groups=(axis, G)`` also pools the channels on ``axis``
     in ``G`` contiguous groups (group norm); the statistics come back per channel (each channel gets its
-    group's). Returns ``(mean, var, count)``; ``count`` broadcasts against ``mean`` and is float.
+    group's). Complex x: a complex mean and the real variance ``E|x - mean|^2``. Returns ``(mean, var, count)``;
+    ``count`` broadcasts against ``mean`` and is float (0 where a mask keeps nothing).
     """
     axes = tuple(reduction_axes)
     if mask is None:
@@ -60,7 +61,7 @@ def mean_square(
     axes = tuple(reduction_axes)
     if mask is None and axis_name is None:
         return square_mean(x, axes)
-    sq = jnp.square(x.astype(stats_dtype(x.dtype)))
+    sq = abs2(x.astype(stats_dtype(x.dtype)))
     if mask is None:
         total, count = jnp.sum(sq, axes, keepdims=True), jnp.full((1,) * x.ndim, group_count(x.shape, axes), sq.dtype)
     else:

@@ -21,19 +21,27 @@ def normalize(
 
     ``mean``/``var``/``scale``/``bias`` must already broadcast against ``x`` at equal rank; ``mean=None`` skips
     centring (RMSNorm, where ``var`` is the mean square). The per-element work is one subtract and one fused
-    multiply-add: the scale is folded into the per-statistic ``rsqrt(var + eps)`` first.
+    multiply-add: the scale is folded into the per-statistic ``rsqrt(var + eps)`` first. Complex x: a complex
+    mean, a real variance; complex params make the result complex.
     """
     dtype = var.dtype
     mul = jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
     if scale is not None:
-        mul = mul * scale.astype(dtype)
-    xf = x.astype(dtype)
+        mul = mul * _in(scale, dtype)
+    xf = _in(x, dtype)
     if mean is not None:
         xf = xf - mean
     y = xf * mul
     if bias is not None:
-        y = y + bias.astype(dtype)
+        y = y + _in(bias, dtype)
+    if jnp.iscomplexobj(y) and not jnp.iscomplexobj(x):  # complex params on real x: a complex result, as Flax
+        return y.astype(jnp.result_type(x.dtype, jnp.complex64))
     return y.astype(x.dtype)
+
+
+def _in(t: Array, dtype) -> Array:
+    """``t`` in the statistics' (real) dtype; a complex ``t`` in its complex counterpart."""
+    return t.astype(jnp.promote_types(t.dtype, dtype) if jnp.iscomplexobj(t) else dtype)
 
 
 def affine_arrays(params: dict, bshape: tuple[int, ...]) -> tuple[Array | None, Array | None]:

@@ -13,6 +13,9 @@ reduced axes (kept as size-1 dims); ``variance`` turns ``M2`` and the count into
 - ``masked_moments``: only the positions a mask keeps, by shifted sums around the masked mean;
 - ``square_mean``: RMS normalization's statistic, the mean of ``x**2``.
 
+Complex inputs (as Flax): a complex mean and a real variance ``E|x - mean|^2`` (``abs2``), by the two-pass formula
+or the masked shifted sums; the count and the variance have the real dtype (``real_dtype``).
+
 Which strategy runs where is ``jaxnorm._platform``'s choice; ``jaxnorm._moments`` adds masks and devices.
 """
 
@@ -32,8 +35,21 @@ Array = jax.Array
 
 
 def stats_dtype(dtype: Any) -> np.dtype:
-    """dtype statistics are computed and stored in: float32, or float64 for float64 inputs."""
+    """dtype statistics are computed and stored in: float32, or float64 for float64 inputs (complex64 or
+    complex128 for complex inputs)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+    """The real dtype of a statistics dtype: a variance's and a count's (float32 for complex64)."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs2(d: Array) -> Array:
+    """``|d|^2``: ``d^2`` for real ``d``, ``re^2 + im^2`` (real) for complex ``d``."""
+    if jnp.iscomplexobj(d):
+        return jnp.square(d.real) + jnp.square(d.imag)
+    return jnp.square(d)
 
 
 # --------------------------------------------------------------------------------------------- reductions
@@ -96,7 +112,7 @@ def two_pass(x: Array, dtype: Any, red: Callable[[Array], Array], n: float) -> t
     """(mean, M2) by the exact two-pass formula: the mean, then ``sum((x - mean)^2)``; no data-dependent branch."""
     xf = x.astype(dtype)
     mean = red(xf) / n
-    return mean, red(jnp.square(xf - mean))
+    return mean, red(abs2(xf - mean))
 
 
 ONE_PASS_MAX_RATIO = 16.0  # the one-pass statistics stand when every group's mean^2 <= 16 x its variance
@@ -133,8 +149,8 @@ def shifted_sums(red: Callable[[Array], Array], d_a: Array, d_b: Array, shift: A
     """(mean, M2) from deviations ``d = x - shift``: ``mean = shift + sum(d)/n``, ``M2 = sum(d^2) - sum(d)^2/n``;
     ``sum(d)`` repairs the shift's offset. ``d_a`` and ``d_b`` are the same deviations, given twice so each
     reduction can fuse its own copy."""
-    t1, t2 = red(d_a), red(jnp.square(d_b))
-    return shift + t1 / count, t2 - jnp.square(t1) / count
+    t1, t2 = red(d_a), red(abs2(d_b))
+    return shift + t1 / count, t2 - abs2(t1) / count
 
 
 def masked_moments(x: Array, mask: Array, axes: tuple[int, ...], groups: tuple[int, int] | None):
@@ -143,7 +159,7 @@ def masked_moments(x: Array, mask: Array, axes: tuple[int, ...], groups: tuple[i
     red = functools.partial(sum_over, axes=axes, groups=groups)
     dtype = stats_dtype(x.dtype)
     xf, maskb = x.astype(dtype), jnp.broadcast_to(mask, x.shape)
-    count = red(maskb.astype(dtype))
+    count = red(maskb.astype(real_dtype(dtype)))
     safe = jnp.maximum(count, 1)
     shift = red(jnp.where(maskb, xf, 0)) / safe
     d = jnp.where(maskb, xf - shift, 0)
@@ -154,4 +170,4 @@ def masked_moments(x: Array, mask: Array, axes: tuple[int, ...], groups: tuple[i
 def square_mean(x: Array, axes: tuple[int, ...]) -> Array:
     """Mean of ``x**2`` over ``axes`` (kept), in ``stats_dtype(x.dtype)``: RMS normalization's statistic."""
     xf = x.astype(stats_dtype(x.dtype))
-    return jnp.mean(jnp.square(xf), axes, keepdims=True)
+    return jnp.mean(abs2(xf), axes, keepdims=True)

@@ -43,6 +43,17 @@ def _dtype(dtype: Any) -> Any:
     return jnp.result_type(float) if dtype is None else dtype  # equinox: float64 when x64 is enabled
 
 
+def _set_state(state: eqx.nn.State, index: Any, new: dict[str, Array], layer: str) -> eqx.nn.State:
+    """``state`` with ``new`` running statistics; an eqx.nn.State keeps its dtypes, so a complex batch (whose mean
+    is complex) needs a layer made for complex inputs."""
+    old = state.get(index)
+    if jnp.iscomplexobj(new["mean"]) and not jnp.iscomplexobj(old["mean"]):
+        raise TypeError(f"{layer}: a complex input makes the running mean complex, but this layer's state holds a "
+                        f"real {old['mean'].dtype} one (an eqx.nn.State keeps its dtypes). Build the layer with "
+                        "dtype=jnp.complex64 (or complex128) for complex inputs.")
+    return state.set(index, new)
+
+
 def _params(module: Any) -> dict[str, Array]:
     return {k: v for k, v in (("scale", module.weight), ("bias", module.bias)) if v is not None}
 
@@ -96,7 +107,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                                     axis=1, momentum=self.momentum, eps=self.eps,
                                     axis_name=self.axis_name if training else None,
                                     running_var_unbiased=self.running_var_unbiased)
-        return y[0], (state.set(self.state_index, new) if training else state)
+        return y[0], (_set_state(state, self.state_index, new, "BatchNorm") if training else state)
 
 
 class InstanceNorm(eqx.nn.StatefulLayer):
@@ -140,7 +151,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
                                        momentum=self.momentum, eps=self.eps,
                                        batch_axis_name=self.axis_name if stats else None)
         if stats and training:
-            state = state.set(self.state_index, new)
+            state = _set_state(state, self.state_index, new, "InstanceNorm")
         return _with_state(y[0], state)
 
 

@@ -104,6 +104,7 @@ class Mode:
     call: Callable[[Any, Any, Any], tuple[Any, Any]]
     textbook: Callable[[Any, Any, Any], tuple[Any, Any]]
     wrapper: bool = False  # a linen/NNX module over one of the core modes: declares variables, adds no math
+    complex: bool = False  # complex x (complex64 for float32, complex128 for float64), real params and state
 
     @property
     def core(self) -> bool:
@@ -144,6 +145,15 @@ def _trailing_mode(name, shape, pshape, call, textbook, bias=True):
     keys = ("scale", "bias") if bias else ("scale",)
     return Mode(name, lambda dt: (_input(shape, dt), _filled({k: jnp.zeros(pshape) for k in keys}, dt), {}),
                 call, textbook)
+
+
+def _complex_mode(mode):
+    """``mode`` with a complex x: the real x plus i times another spread of values."""
+    def make(dt):
+        x, p, s = mode.make(dt)
+        return jax.lax.complex(x, _input(x.shape, dt, seed=1) * 0.6 - 0.2), p, s
+
+    return Mode(f"{mode.name}/complex", make, mode.call, mode.textbook, complex=True)
 
 
 def _no_stats(fn):
@@ -270,6 +280,9 @@ def _modes():
                       lambda x, p, s: (jaxnorm.frozen_batch_norm(p, s, x), s),
                       lambda x, p, s: (tb.frozen_batch_norm(p, s, x), s)),
     ]
+    by_name = {m.name: m for m in modes}  # complex x: plain autodiff, under every transformation too
+    modes += [_complex_mode(by_name[name]) for name in ("batch_norm/train/mask", "instance_norm/train",
+                                                        "layer_norm", "rms_norm", "group_norm")]
     last = dict(axis=-1)
     linen = [
         ("linen.BatchNorm", jl.BatchNorm(use_running_average=False), (3, 2, 2),

@@ -77,7 +77,7 @@ def test_narrow_layers_keep_float32_running_statistics(dtype):
 
 
 # bfloat16 for every core mode; float16 (the same code path, a different rounding) for one mode per layer family
-FIRST_ORDER_CASES = ([(m, jnp.bfloat16) for m in registry.CORE_MODES]
+FIRST_ORDER_CASES = ([(m, jnp.bfloat16) for m in registry.CORE_MODES if not m.complex]
                      + [(m, jnp.float16) for m in registry.CORE_MODES
                         if m.name in ("batch_norm/train/2d", "instance_norm/train", "layer_norm", "rms_norm",
                                       "group_norm/channels_last", "batch_norm/train/mask")])

@@ -1,13 +1,14 @@
 """Every layer in every mode under every JAX transformation, against autodiff of the textbook formula.
 
 The matrix: ``registry.MODES`` (batch norm in training and eval, with ``mask``, ``axis_name`` and
-``virtual_batch_size``; instance, layer, group and RMS norm; batch renorm; frozen batch norm; the linen and NNX
-wrappers) x the transformations (``jvp``, ``linearize``, ``jacfwd``, ``vjp``, ``jacrev``, ``grad``, ``hessian``
-(forward-over-reverse), ``jacrev(jacfwd)`` (reverse-over-forward), and ``vmap`` of ``jvp`` and of ``grad``) x how
-the layer is called (directly, under ``jax.vmap``, under ``jax.checkpoint``, inside ``lax.scan``). Each layer is
-a function of all its floating-point inputs, ``x``, the params and the running statistics, and returns ``y`` and
-the updated statistics, so their tangents and cotangents are checked too. The reference is ``tests.textbook``,
-plain ``jax.numpy`` differentiated by JAX itself: float64 to 1e-10, float32 to ``tests/tolerances.py``.
+``virtual_batch_size``; instance, layer, group and RMS norm; batch renorm; frozen batch norm; complex inputs; the
+linen and NNX wrappers) x the transformations (``jvp``, ``linearize``, ``jacfwd``, ``vjp``, ``jacrev``, ``grad``,
+``hessian`` (forward-over-reverse), ``jacrev(jacfwd)`` (reverse-over-forward), and ``vmap`` of ``jvp`` and of
+``grad``) x how the layer is called (directly, under ``jax.vmap``, under ``jax.checkpoint``, inside ``lax.scan``).
+Each layer is a function of all its floating-point inputs, ``x``, the params and the running statistics, and returns
+``y`` and the updated statistics, so their tangents and cotangents are checked too. The reference is
+``tests.textbook``, plain ``jax.numpy`` differentiated by JAX itself: float64 to 1e-10, float32 to
+``tests/tolerances.py``.
 
 What runs where (each program compiles once per mode, so the matrix is sized by what it can find):
 
@@ -15,7 +16,11 @@ What runs where (each program compiles once per mode, so the matrix is sized by 
   scan (slow tier);
 - float64, the wrapper modes (linen/NNX over the same core calls, no math of their own): values and the
   first-order transformations (``FIRST_ORDER``);
-- float32, every mode: values and the first-order transformations;
+- float32, every real mode: values and the first-order transformations;
+- complex x (``registry``'s ``.../complex`` modes: plain autodiff, as ``jaxnorm._derivative`` leaves complex
+  inputs to JAX), in complex128, called directly, each complex leaf as its real and imaginary parts: every
+  transformation for masked batch norm, the first-order ones for the others; complex64 in
+  ``tests/test_complex.py``;
 - bfloat16/float16: ``tests/test_low_precision.py``.
 """
 
@@ -53,24 +58,36 @@ CONTEXTS = {
 }
 
 
+def _parts(t):
+    """A real leaf as itself, a complex one as its real and imaginary parts."""
+    return [jnp.real(t), jnp.imag(t)] if jnp.iscomplexobj(t) else [t]
+
+
 def _float_function(f, inputs):
-    """``f`` as a function of the list of floating-point leaves of ``inputs`` (integer counters held fixed),
-    returning the list of floating-point output leaves (y and the running statistics)."""
+    """``f`` as a function of the list of real floating-point leaves of ``inputs`` (a complex leaf as its real and
+    imaginary parts; integer counters held fixed), returning the list of real output leaves (y and the running
+    statistics, complex ones as their parts): every transformation is then of a real function."""
     leaves, treedef = jax.tree.flatten(inputs)
-    is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+    kinds = [2 if jnp.iscomplexobj(t) else 1 if jnp.issubdtype(t.dtype, jnp.floating) else 0 for t in leaves]
 
     def g(floats):
         it = iter(floats)
-        merged = [next(it) if fl else leaf for leaf, fl in zip(leaves, is_float, strict=True)]
+        merged = [leaf if k == 0 else next(it) if k == 1 else jax.lax.complex(next(it), next(it))
+                  for leaf, k in zip(leaves, kinds, strict=True)]
         args = jax.tree.unflatten(treedef, merged)
-        return [o for o in jax.tree.leaves(f(*args)) if jnp.issubdtype(o.dtype, jnp.floating)]
+        return [p for o in jax.tree.leaves(f(*args)) if jnp.issubdtype(o.dtype, jnp.inexact) for p in _parts(o)]
 
-    return g, [leaf for leaf, fl in zip(leaves, is_float, strict=True) if fl]
+    return g, [p for leaf, k in zip(leaves, kinds, strict=True) if k for p in _parts(leaf)]
 
 
 def _as_float64(inputs):
-    """The same (dtype-rounded) inputs in float64, for the textbook reference."""
-    return jax.tree.map(lambda t: t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t, inputs)
+    """The same (dtype-rounded) inputs in float64 (complex128), for the textbook reference."""
+    def widen(t):
+        if jnp.iscomplexobj(t):
+            return t.astype(jnp.complex128)
+        return t.astype(jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t
+
+    return jax.tree.map(widen, inputs)
 
 
 def _randoms(like, seed):
@@ -78,6 +95,10 @@ def _randoms(like, seed):
     return [jnp.asarray(rng.normal(size=t.shape), t.dtype) for t in like]
 
 
+# complex modes (plain autodiff, no derivative rule of ours): every transformation in complex128, directly;
+# complex64 values and dtypes in tests/test_complex.py
+REAL_MODES = [m for m in registry.MODES if not m.complex]
+REAL_CORE_MODES = [m for m in REAL_MODES if m.core]
 ALL = ("values", "jvp", "linearize", "jacfwd", "vjp", "jacrev", "grad", "hessian", "jacrev(jacfwd)", "vmap(jvp)",
        "vmap(grad)")
 FIRST_ORDER = ("values", "jvp", "linearize", "vjp", "grad")
@@ -85,6 +106,8 @@ FIRST_ORDER = ("values", "jvp", "linearize", "vjp", "grad")
 
 def transforms_for(mode: registry.Mode, dtype) -> tuple[str, ...]:
     """The transformations the matrix checks for ``mode`` in ``dtype`` (see the module docstring)."""
+    if mode.complex:  # JAX's own autodiff: one mode shows it composes under every transformation
+        return ALL if mode.name == "batch_norm/train/mask/complex" else FIRST_ORDER
     return ALL if mode.core and jnp.dtype(dtype) == jnp.float64 else FIRST_ORDER
 
 
@@ -139,14 +162,14 @@ def test_every_transformation_matches_the_textbook_formula_float64(mode):
     _check(mode, "direct", jnp.float64)
 
 
-@pytest.mark.parametrize("mode", registry.MODES, ids=[m.name for m in registry.MODES])
+@pytest.mark.parametrize("mode", REAL_MODES, ids=[m.name for m in REAL_MODES])
 def test_every_transformation_matches_the_textbook_formula_float32(mode):
     _check(mode, "direct", jnp.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("context", [c for c in CONTEXTS if c != "direct"])
-@pytest.mark.parametrize("mode", registry.CORE_MODES, ids=[m.name for m in registry.CORE_MODES])
+@pytest.mark.parametrize("mode", REAL_CORE_MODES, ids=[m.name for m in REAL_CORE_MODES])
 def test_every_transformation_under_vmap_checkpoint_and_scan(mode, context):
     _check(mode, context, jnp.float64)
 

@@ -26,16 +26,22 @@ def _affine(y, params, axis):
     return y
 
 
+def abs2(v):
+    """|v|^2: the square of a real v, re^2 + im^2 of a complex one (a real variance, as Flax)."""
+    return jnp.square(v.real) + jnp.square(v.imag) if jnp.iscomplexobj(v) else jnp.square(v)
+
+
 def moments(x, axes, mask=None):
-    """Two-pass mean and biased variance over ``axes`` (kept), and the element count; masked positions excluded."""
+    """Two-pass mean and biased variance E|x - mean|^2 over ``axes`` (kept), and the element count; masked
+    positions excluded."""
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
         m = jnp.mean(x, axes, keepdims=True)
-        return m, jnp.mean(jnp.square(x - m), axes, keepdims=True), n
-    w = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+        return m, jnp.mean(abs2(x - m), axes, keepdims=True), n
+    w = jnp.broadcast_to(mask, x.shape).astype(x.real.dtype)
     n = jnp.sum(w, axes, keepdims=True)
     m = jnp.sum(w * x, axes, keepdims=True) / n
-    return m, jnp.sum(w * jnp.square(x - m), axes, keepdims=True) / n, n
+    return m, jnp.sum(w * abs2(x - m), axes, keepdims=True) / n, n
 
 
 def running_update(stats, mean, var, n, momentum, count_batches=True):
@@ -110,8 +116,8 @@ def layer_norm(params, x, *, normalized_shape=None, eps=1e-5, channel_axis=None,
 
 def rms_norm(params, x, *, normalized_shape, eps, mask=None):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
-    ms = jnp.sum(w * jnp.square(x), axes, keepdims=True) / jnp.sum(w, axes, keepdims=True)
+    w = jnp.ones(x.shape, x.real.dtype) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.real.dtype)
+    ms = jnp.sum(w * abs2(x), axes, keepdims=True) / jnp.sum(w, axes, keepdims=True)
     return _trailing_affine(x / jnp.sqrt(ms + eps), params)
 
 
