@@ -65,7 +65,7 @@ class SpectralNorm(_Reparametrized):
             stats[path + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
         self.batch_stats = nnx.data(stats)
 
-    def __call__(self, x: Array, *args, update_stats: bool | None = None, **kwargs) -> Array:
+    def __call__(self, x: Array, update_stats: bool | None = None, *args, **kwargs) -> Array:
         update = not self.use_running_average if update_stats is None else update_stats
 
         def replace(path, w):

@@ -73,7 +73,7 @@ def spectral_norm(
     if n_steps == 0 or torch_order:
         v = _l2_normalize(dot(const, u), None, eps)
     u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
-    sigma = dot(v, dot(mat, u))
+    sigma = dot(dot(v, mat), u)  # (v W) u: Flax's grouping (and PyTorch's u^T (W v) in its layout)
     w_bar = w.astype(dtype) / jnp.where(sigma != 0, sigma, 1)
     return w_bar.astype(w.dtype), u, sigma
 
@@ -84,15 +84,15 @@ def weight_norm(
     """``scale * v / ||v||``, the norm over every axis except ``feature_axes`` (Salimans & Kingma, 2016).
 
     ``feature_axes=-1`` (Flax kernels: one norm per output feature), ``0`` (PyTorch's ``weight_norm(dim=0)``),
-    ``None`` (one norm for the whole tensor, PyTorch's ``dim=None``). ``scale`` has the shape of ``v`` on the
-    feature axes (PyTorch's ``g``, squeezed); None leaves unit-norm directions. ``eps`` as Flax's:
-    ``v * rsqrt(sum(v**2) + eps)``.
+    ``None`` or ``()`` (one norm for the whole tensor: PyTorch's ``dim=None``, Flax's ``feature_axes=None``).
+    ``scale`` has the shape of ``v`` on the feature axes (PyTorch's ``g``, squeezed; ``()`` for one norm); None
+    leaves unit-norm directions. ``eps`` as Flax's: ``v * rsqrt(sum(v**2) + eps)``.
     """
     layer = "weight_norm"
     v = check_input(v, layer, min_ndim=0, what="any rank")
     eps = check_eps(eps, layer)
-    feats = () if feature_axes is None or v.ndim == 0 else canonical_axes(feature_axes, v.ndim, layer,
-                                                                                 name="feature_axes")
+    no_features = feature_axes is None or v.ndim == 0 or (isinstance(feature_axes, (tuple, list)) and not feature_axes)
+    feats = () if no_features else canonical_axes(feature_axes, v.ndim, layer, name="feature_axes")
     reduce = tuple(i for i in range(v.ndim) if i not in feats)
     dtype = stats_dtype(v.dtype)
     w = _l2_normalize(v.astype(dtype), reduce, eps)

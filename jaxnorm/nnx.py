@@ -100,7 +100,7 @@ class _ChannelNorm(_Flax):
                                 axis=self.axis, momentum=self.momentum, eps=self.epsilon, **self._named_axis(), **kw)
         if training and self.tracked:
             for k in self._stat_keys:
-                getattr(self, k)[...] = new[k]
+                getattr(self, k).set_value(new[k])  # not [...] =: a complex batch makes the mean complex
         return conventions.output_dtype(y, self.dtype)
 
 
@@ -217,6 +217,9 @@ class RMSNorm(LayerNorm):
         if bias:
             raise TypeError(f"RMSNorm: got {bias}, but RMSNorm has no bias (as in Flax); drop them.")
         super().__init__(num_features, epsilon=epsilon, **keywords)
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:  # noqa: D102 - Flax NNX's: mask positional
+        return super().__call__(x, mask=mask)
 
 
 class GroupNorm(_Flax):

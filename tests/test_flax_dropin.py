@@ -1,13 +1,16 @@
-"""jaxnorm.linen / jaxnorm.nnx as drop-ins for flax.linen / flax.nnx: the same keywords give the same numbers.
+"""jaxnorm.linen / jaxnorm.nnx as drop-ins for flax.linen / flax.nnx: the same arguments give the same numbers.
 
-Each configuration is drawn at random (shapes, axes, masks, groups, affine switches, epsilon, momentum, dtype)
-from a fixed seed and run through Flax's own layer (``use_fast_variance=False``) and ours with identical variables:
-outputs, updated ``batch_stats`` and the gradients with respect to x and every parameter must agree.
+Each configuration is drawn at random (shapes, axes, masks of x's rank or lower, groups, affine switches, epsilon,
+momentum, real or complex dtype, which leading arguments are positional) from a fixed seed and run through Flax's
+own layer (``use_fast_variance=False``) and ours with identical variables: outputs, updated ``batch_stats`` and the
+gradients with respect to x and every parameter must agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import chex
 import flax.linen as nn
@@ -33,13 +36,15 @@ def _axes_subset(rng, ndim, *, lo=0, k=None):
     return tuple(a - ndim if rng.random() < 0.5 else a for a in picked)
 
 
-def _mask(rng, shape, constant_on=(), ensure_on=()):
+def _mask(rng, shape, constant_on=(), ensure_on=(), lower=False):
     """A random bool mask broadcastable to ``shape``; size 1 on ``constant_on``; at least one True in every set of
-    positions the statistics pool (index 0 along ``ensure_on`` is always True)."""
-    mshape = tuple(1 if (i in constant_on or rng.random() < 0.25) else d for i, d in enumerate(shape))
+    positions the statistics pool (index 0 along ``ensure_on`` is always True). ``lower``: of lower rank, lined up
+    with x's trailing axes as NumPy broadcasts (its leading axes then size 1 and dropped)."""
+    lead = int(rng.integers(1, len(shape))) if lower else 0
+    mshape = tuple(1 if (i < lead or i in constant_on or rng.random() < 0.25) else d for i, d in enumerate(shape))
     m = rng.random(mshape) < 0.7
     m[tuple(0 if i in ensure_on else slice(None) for i in range(len(shape)))] = True
-    return jnp.asarray(m)
+    return jnp.asarray(m.reshape(mshape[lead:]))
 
 
 def _config(layer, seed):
@@ -56,15 +61,15 @@ def _config(layer, seed):
         kw["axis"] = axis
         kw["momentum"] = float(rng.choice([0.0, 0.5, 0.9, 0.99]))
         feats = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or seed % 2:
             call["mask"] = _mask(rng, shape, constant_on=feats,
-                                 ensure_on=[i for i in range(ndim) if i not in feats])
+                                 ensure_on=[i for i in range(ndim) if i not in feats], lower=seed % 2 == 1)
     elif layer in ("LayerNorm", "RMSNorm"):
         kw["reduction_axes"] = _axes_subset(rng, ndim)
         kw["feature_axes"] = _axes_subset(rng, ndim)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or seed % 2:
             red = {a % ndim for a in kw["reduction_axes"]}
-            call["mask"] = _mask(rng, shape, ensure_on=red)
+            call["mask"] = _mask(rng, shape, ensure_on=red, lower=seed % 2 == 1)
     elif layer == "GroupNorm":
         size, groups = int(rng.integers(1, 4)), int(rng.integers(1, 4))
         shape[-1] = size * groups
@@ -74,22 +79,45 @@ def _config(layer, seed):
             kw["num_groups"], kw["group_size"] = None, size
         if rng.random() < 0.5:  # Flax's reduction_axes: must include the last (feature) axis
             kw["reduction_axes"] = tuple(sorted(set(_axes_subset(rng, ndim - 1, lo=1)) | {ndim - 1}))
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or seed % 2:
             red = set(range(1, ndim)) if "reduction_axes" not in kw else set(kw["reduction_axes"])
-            call["mask"] = _mask(rng, shape, ensure_on=red)
-            call["mask"] = jnp.broadcast_to(call["mask"], call["mask"].shape[:-1] + (shape[-1],))  # Flax: full C
+            m = np.array(_mask(rng, shape, ensure_on=red, lower=seed % 2 == 1))
+            m = np.broadcast_to(m, m.shape[:-1] + (shape[-1],)).copy()  # Flax: the full channel axis
+            # one valid position in every (example, group): index 0 on the other reduced axes, a group's first channel
+            m[tuple(slice(None, None, size) if a == ndim - 1 else 0 if a in red else slice(None)
+                    for a in range(ndim - m.ndim, ndim))] = True
+            call["mask"] = jnp.asarray(m)
     elif layer == "InstanceNorm":
         feats = _axes_subset(rng, ndim, lo=1, k=1 if rng.random() < 0.7 else 2)
         if len(feats) == ndim - 1:
             feats = feats[:1]
         kw["feature_axes"] = feats
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or seed % 2:
             fset = {a % ndim for a in feats}
             call["mask"] = _mask(rng, shape, constant_on=fset | {0} if rng.random() < 0.5 else fset,
-                                 ensure_on=[i for i in range(1, ndim) if i not in fset])
-    dtype = jnp.float32
-    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.uniform(-2, 2), dtype)
-    return kw, call, x
+                                 ensure_on=[i for i in range(1, ndim) if i not in fset], lower=seed % 2 == 1)
+    x = rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.uniform(-2, 2)
+    if seed % 3 == 1:  # complex: Flax's complex mean and real variance E|x - mean|^2
+        x = x + 1j * (rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.uniform(-2, 2))
+    return kw, call, jnp.asarray(x, jnp.complex64 if np.iscomplexobj(x) else jnp.float32)
+
+
+def _cotangent(x, seed):
+    rng = np.random.default_rng(seed + 100)
+    dy = rng.normal(size=x.shape) + (1j * rng.normal(size=x.shape) if jnp.iscomplexobj(x) else 0)
+    return jnp.asarray(dy, x.dtype)
+
+
+def _positional(cls, kw, seed, stop=None):
+    """``(args, kw)``: a random prefix of ``cls``'s constructor fields (Flax's positional order) moved out of
+    ``kw`` into positional ``args``, fields not in ``kw`` at Flax's default; never past ``stop``."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    names = names[:names.index(stop)] if stop else names
+    given = [i for i, n in enumerate(names) if n in kw]
+    k = int(np.random.default_rng(seed + 7).integers(0, (given[-1] + 2) if given else 2))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    args = [kw.pop(n) if n in kw else fields[n].default for n in names[:k]]
+    return args, kw
 
 
 def _ours_kw(layer, kw):
@@ -114,8 +142,9 @@ CASES = [(layer, seed) for layer in LAYERS for seed in range(N_CONFIGS)]
 def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
     kw, call, x = _config(layer, seed)
     train = layer == "BatchNorm"
-    flax_mod = getattr(nn, layer)(use_fast_variance=False, **kw)
-    ours = getattr(jl, layer)(**_ours_kw(layer, kw))
+    args, kw = _positional(getattr(nn, layer), dict(kw), seed, stop="momentum" if train else None)
+    flax_mod = getattr(nn, layer)(*args, use_fast_variance=False, **kw)
+    ours = getattr(jl, layer)(*args, **_ours_kw(layer, kw))
     extra = {"use_running_average": False} if train else {}
     fv = jax.jit(functools.partial(flax_mod.init, **extra, **call))(jax.random.key(0), x)
     ov = jax.jit(functools.partial(ours.init, **extra, **call))(jax.random.key(0), x)
@@ -123,15 +152,15 @@ def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
     assert jax.tree.map(jnp.shape, ov) == jax.tree.map(jnp.shape, fv), (ov, fv)
     params = _random_like(fv["params"], seed) if "params" in fv else {}
     variables = {**fv, "params": params} if params else fv
-    dy = jnp.asarray(np.random.default_rng(seed + 100).normal(size=x.shape), x.dtype)
+    dy = _cotangent(x, seed)
 
     def loss(module, p, x):
         v = {**variables, "params": p} if p else variables
-        if train:
-            y, upd = module.apply(v, x, use_running_average=False, mutable=["batch_stats"], **call)
+        if train:  # use_running_average positional, as Flax's __call__ takes it
+            y, upd = module.apply(v, x, False, mutable=["batch_stats"], **call)
         else:
             y, upd = module.apply(v, x, **call), {}
-        return jnp.sum(y * dy), (y, upd)
+        return jnp.sum(jnp.real(y * dy)), (y, upd)
 
     grads = lambda module: jax.jit(jax.value_and_grad(lambda p, x: loss(module, p, x), (0, 1), has_aux=True))
     (_, (fy, fupd)), fg = grads(flax_mod)(params, x)
@@ -146,7 +175,7 @@ def test_linen_matches_flax_linen_keyword_for_keyword(layer, seed):
         np.testing.assert_allclose(evaluate(ours), evaluate(flax_mod), **TOL)
 
 
-def _nnx_pair(layer, kw, x):
+def _nnx_pair(layer, kw, x, seed=0):
     kw = dict(kw)
     rngs = dict(rngs=nnx.Rngs(0))
     if layer in ("LayerNorm", "RMSNorm"):  # NNX params are (num_features,): one feature axis
@@ -163,15 +192,20 @@ def _nnx_pair(layer, kw, x):
         # flax.nnx.GroupNorm (0.12) repeats the group statistics along axis 1 instead of the channel axis, which
         # is wrong when reduction_axes leave out a non-batch axis; that case is compared with flax.linen below
         kw.pop("reduction_axes", None)
-    flax_mod = getattr(nnx, layer)(c, use_fast_variance=False, **kw, **rngs)
-    ours = getattr(jn, layer)(c, **_ours_kw(layer, kw), **rngs)
+    args = [c]
+    if layer == "GroupNorm" and seed % 2:  # NNX's positional GroupNorm(num_features, num_groups, group_size)
+        args += [kw.pop("num_groups", 32), kw.pop("group_size", None)]
+    flax_mod = getattr(nnx, layer)(*args, use_fast_variance=False, **kw, **rngs)
+    ours = getattr(jn, layer)(*args, **_ours_kw(layer, kw), **rngs)
     return flax_mod, ours
 
 
 @pytest.mark.parametrize("layer,seed", CASES, ids=[f"{lay}-{s}" for lay, s in CASES])
 def test_nnx_matches_flax_nnx_keyword_for_keyword(layer, seed):
     kw, call, x = _config(layer, seed)
-    flax_mod, ours = _nnx_pair(layer, kw, x)
+    if layer == "BatchNorm":  # flax.nnx.BatchNorm 0.12 writes a complex mean into its float32 one with x[...] = v,
+        x = x.real  # which JAX refuses; linen's complex BatchNorm is compared above, and ours in test_complex.py
+    flax_mod, ours = _nnx_pair(layer, kw, x, seed)
     fstate, ostate = nnx.state(flax_mod, nnx.Param), nnx.state(ours, nnx.Param)
     assert jax.tree.map(jnp.shape, nnx.to_pure_dict(ostate)) == jax.tree.map(jnp.shape, nnx.to_pure_dict(fstate))
     new = _random_like(nnx.to_pure_dict(fstate), seed)
@@ -181,11 +215,11 @@ def test_nnx_matches_flax_nnx_keyword_for_keyword(layer, seed):
     if layer == "BatchNorm":
         fb, ob = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (flax_mod, ours))
         assert jax.tree.map(jnp.shape, ob) == jax.tree.map(jnp.shape, fb)  # no `count` with Flax's momentum
-    dy = jnp.asarray(np.random.default_rng(seed + 100).normal(size=x.shape), x.dtype)
+    dy = _cotangent(x, seed)
 
     def loss(m, x):
         y = m(x, **call)
-        return jnp.sum(y * dy), y
+        return jnp.sum(jnp.real(y * dy)), y
 
     grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, fy), (fg, fgx) = grads(flax_mod, x)
@@ -324,8 +358,8 @@ def test_local_response_norm_errors(kwargs, match):
      r"`group_size`=3 must be a positive int that divides the number of channels 8; valid choices are \[1, 2, 4, 8\]"),
     (lambda x: jaxnorm.rms_norm({}, x, normalized_shape=8, mask=jnp.ones((2, 4, 8))), TypeError,
      r"`mask` must be a boolean array"),
-    (lambda x: jaxnorm.instance_norm({}, {}, x, training=True, axis=-1, mask=jnp.ones((2, 4, 8), bool)), ValueError,
-     r"`mask` must not vary along the channel axis 2"),
+    (lambda x: jaxnorm.instance_norm({}, {}, x, training=True, axis=-1, mask=jnp.ones((3, 8), bool)), ValueError,
+     r"`mask` has shape \(3, 8\), which does not broadcast to x's shape \(2, 4, 8\): it lines up with x's trailing"),
 ])
 def test_functional_keyword_errors(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -344,3 +378,51 @@ def test_variable_dtypes_follow_flax_for_param_dtype_and_force_float32_reduction
     oy, ou = jl.BatchNorm(flax_momentum=0.9, use_running_average=False, **kw).apply(ov, x, mutable=["batch_stats"])
     assert jax.tree.map(lambda v: v.dtype, ou) == jax.tree.map(lambda v: v.dtype, fu)
     chex.assert_trees_all_close(*jax.tree.map(lambda v: v.astype(jnp.float32), (ou, fu)), rtol=2e-2, atol=2e-2)
+
+
+FLAX_CLASSES = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "SpectralNorm", "WeightNorm"]
+
+
+def _positional_names(fn, skip=1):
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+@pytest.mark.parametrize("name", FLAX_CLASSES)
+def test_constructors_and_calls_take_flaxs_positional_order(name):
+    """Linen modules are dataclasses: their field order is the positional order. Ours starts with Flax's fields
+    in Flax's order (jaxnorm's own keywords follow), and NNX's constructors and both calls take what Flax's take."""
+    fields = lambda cls: [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    theirs, ours = fields(getattr(nn, name)), fields(getattr(jl, name))
+    assert ours[:len(theirs)] == theirs, (ours, theirs)
+    for flax_cls, our_cls in ((getattr(nn, name), getattr(jl, name)), (getattr(nnx, name), getattr(jn, name))):
+        theirs = _positional_names(flax_cls.__call__)  # ours may take more after them (InstanceNorm's training)
+        assert _positional_names(our_cls.__call__)[:len(theirs)] == theirs
+    assert _positional_names(jn.__dict__[name].__init__) == _positional_names(getattr(nnx, name).__init__)
+
+
+def test_positional_arguments_mean_what_they_mean_in_flax():
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(4, 3, 6)) + 1, jnp.float32)
+    v = jl.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    v = {**v, "batch_stats": {**v["batch_stats"], "mean": jnp.full(6, 5.0)}}
+    np.testing.assert_allclose(jl.BatchNorm(True).apply(v, x), jl.BatchNorm(use_running_average=True).apply(v, x))
+    assert not np.allclose(jl.BatchNorm(True).apply(v, x), jl.BatchNorm(False).apply(v, x, mutable=True)[0])
+    no_affine = {"use_scale": False, "use_bias": False}
+    np.testing.assert_allclose(jl.GroupNorm(2, **no_affine).apply({}, x),
+                               jl.GroupNorm(num_groups=2, **no_affine).apply({}, x))
+    np.testing.assert_allclose(jl.LayerNorm(0.5, **no_affine).apply({}, x),
+                               jl.LayerNorm(epsilon=0.5, **no_affine).apply({}, x))
+    mask = jnp.arange(6) < 4
+    np.testing.assert_allclose(jn.RMSNorm(6)(x, mask), jn.RMSNorm(6)(x, mask=mask))
+    np.testing.assert_allclose(jn.GroupNorm(6, 3)(x), jn.GroupNorm(6, num_groups=3)(x))
+    np.testing.assert_allclose(jn.GroupNorm(6, None, 3)(x), jn.GroupNorm(6, group_size=3)(x))
+    # Flax's third BatchNorm field is momentum, whose convention must be said
+    with pytest.raises(TypeError, match=r"`momentum`=0.9 is ambiguous.*`flax_momentum`=0.9"):
+        jl.BatchNorm(False, -1, 0.9).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match=r"`momentum`=0.9 is ambiguous"):
+        jn.BatchNorm(6, momentum=0.9)
+    # LocalResponseNorm (no Flax class): PyTorch's order, size, alpha, beta, k
+    np.testing.assert_allclose(jl.LocalResponseNorm(3, 0.2, 0.5, 2.0).apply({}, x),
+                               jl.LocalResponseNorm(size=3, alpha=0.2, beta=0.5, k=2.0).apply({}, x))
+    np.testing.assert_allclose(jn.LocalResponseNorm(3, 0.2, 0.5, 2.0)(x),
+                               jl.LocalResponseNorm(size=3, alpha=0.2, beta=0.5, k=2.0).apply({}, x))
