@@ -23,7 +23,7 @@ from jaxnorm._derivative import normalize_batch
 from jaxnorm._moments import moments
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import running_arrays, update_running
-from jaxnorm._statistics import real_dtype, stats_dtype
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "batch_norm"
@@ -120,14 +120,13 @@ def batch_norm(
                 axis_index_groups=axis_index_groups,
             )
     else:
-        mean, var = running_arrays(batch_stats, real_dtype(stats_dtype(x.dtype)), bshape)
+        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
         y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:
         new_stats = update_running(
-            batch_stats, mean.reshape(fshape), var.reshape(fshape), jnp.broadcast_to(count, mean.shape).reshape(fshape),
-            momentum,
-            running_var_unbiased,
+            batch_stats, mean.reshape(fshape), var.reshape(fshape),
+            jnp.broadcast_to(count, mean.shape).reshape(fshape), momentum, running_var_unbiased,
         )
         return y, new_stats
     return y, batch_stats

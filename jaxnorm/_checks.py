@@ -27,9 +27,7 @@ def check_input(x: Any, layer: str, *, min_ndim: int, what: str, complex_ok: boo
     """x as a JAX array of a floating-point dtype (or complex, for the layers that normalize complex arrays)."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{layer}: `x` must be a JAX or NumPy array, got {type(x).__name__}.")
-    if complex_ok and jnp.issubdtype(x.dtype, jnp.complexfloating):
-        pass
-    elif not jnp.issubdtype(x.dtype, jnp.floating):
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or complex_ok and jnp.issubdtype(x.dtype, jnp.complexfloating)):
         kinds = "a floating-point or complex" if complex_ok else "a floating-point"
         raise TypeError(
             f"{layer}: `x` must have {kinds} dtype, got {x.dtype}. Cast it first, e.g. x.astype(jnp.float32)."

@@ -5,9 +5,8 @@ call. Without a mask or a named axis they run ``_normalize_fused``, whose deriva
 map ``_normalize_tangents``: linear in the tangents, so forward mode evaluates it as written and reverse mode is
 JAX's transpose of it, and every transformation works (jvp, jacfwd, linearize, grad, jacrev, both Hessian
 orders, under vmap, checkpoint and scan), with reverse mode saving only x and the small statistics. With a mask,
-a named axis or complex x or params (the tangent map is written for real arithmetic: ``|x - mean|^2`` is not
-holomorphic)
-the statistics (``jaxnorm._moments``) are differentiated by JAX itself.
+a named axis, or complex x or params (the tangent map is written for real arithmetic: ``|x - mean|^2`` is not
+holomorphic), the statistics (``jaxnorm._moments``) are differentiated by JAX itself.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momen
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import running_arrays, update_running
-from jaxnorm._statistics import real_dtype, stats_dtype
+from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -93,7 +93,7 @@ def instance_norm(
         y, mean, var, count = normalize_batch(x, spatial, eps, scale, bias, mask=mask, axis_name=axis_name,
                                               axis_index_groups=axis_index_groups)
     else:
-        mean, var = running_arrays(batch_stats, real_dtype(stats_dtype(x.dtype)), bshape)
+        mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
         y = normalize(x, mean, var, eps, scale, bias)
 
     if training and batch_stats:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxnorm._statistics import in_stats_dtype
+
 Array = jax.Array
 
 
@@ -27,21 +29,16 @@ def normalize(
     dtype = var.dtype
     mul = jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
     if scale is not None:
-        mul = mul * _in(scale, dtype)
-    xf = _in(x, dtype)
+        mul = mul * in_stats_dtype(scale, dtype)
+    xf = in_stats_dtype(x, dtype)
     if mean is not None:
         xf = xf - mean
     y = xf * mul
     if bias is not None:
-        y = y + _in(bias, dtype)
+        y = y + in_stats_dtype(bias, dtype)
     if jnp.iscomplexobj(y) and not jnp.iscomplexobj(x):  # complex params on real x: a complex result, as Flax
         return y.astype(jnp.result_type(x.dtype, jnp.complex64))
     return y.astype(x.dtype)
-
-
-def _in(t: Array, dtype) -> Array:
-    """``t`` in the statistics' (real) dtype; a complex ``t`` in its complex counterpart."""
-    return t.astype(jnp.promote_types(t.dtype, dtype) if jnp.iscomplexobj(t) else dtype)
 
 
 def affine_arrays(params: dict, bshape: tuple[int, ...]) -> tuple[Array | None, Array | None]:

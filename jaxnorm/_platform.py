@@ -38,10 +38,10 @@ Array = jax.Array
 
 def own_moments(x: Array, axes: tuple[int, ...], groups: tuple[int, int] | None) -> tuple[Array, Array, Array]:
     """(count, mean, M2) of x over ``axes`` (``groups``: pooled in channel groups) on this device, no mask."""
-    count = jnp.full((1,) * x.ndim, group_count(x.shape, axes, groups), real_dtype(stats_dtype(x.dtype)))
+    n = group_count(x.shape, axes, groups)
+    count = jnp.full((1,) * x.ndim, n, real_dtype(stats_dtype(x.dtype)))
     if jnp.iscomplexobj(x):  # complex: the two-pass formula everywhere (nothing measured for it)
-        red = functools.partial(sum_over, axes=axes, groups=groups)
-        return count, *two_pass(x, stats_dtype(x.dtype), red, group_count(x.shape, axes, groups))
+        return count, *two_pass(x, stats_dtype(x.dtype), functools.partial(sum_over, axes=axes, groups=groups), n)
     mean, m2 = jax.lax.platform_dependent(x, cpu=functools.partial(_cpu_moments, axes=axes, groups=groups),
                                           default=functools.partial(_default_moments, axes=axes, groups=groups))
     return count, mean, m2

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._statistics import real_dtype, stats_dtype
+from jaxnorm._statistics import in_stats_dtype, real_dtype, stats_dtype
 
 Array = jax.Array
 
@@ -37,12 +37,12 @@ def running_stats_init(num_features: int | tuple[int, ...], dtype: Any = jnp.flo
 
 
 def running_arrays(batch_stats: Mapping[str, Array], dtype: Any, bshape: tuple[int, ...]) -> tuple[Array, Array]:
-    """The running mean and variance in ``dtype`` (a complex running mean stays complex), shaped to broadcast
-    against x (``bshape``)."""
-    stored = batch_stats["mean"]
-    mean = stored.astype(jnp.promote_types(stored.dtype, dtype) if jnp.iscomplexobj(stored) else dtype)
+    """The running mean and variance in the statistics dtype ``dtype``, real (a complex running mean stays
+    complex), shaped to broadcast against x (``bshape``)."""
+    dtype = real_dtype(dtype)
+    mean = in_stats_dtype(batch_stats["mean"], dtype).reshape(bshape)
     var = batch_stats["var"].astype(dtype).reshape(bshape)
-    return mean.reshape(bshape), var
+    return mean, var
 
 
 def update_running(
@@ -71,9 +71,8 @@ def update_running(
     ``skipped`` counter) keeps its statistics when the batch's are not finite and counts the skipped batch
     instead. A complex batch mean makes the running mean complex (as Flax); the running variance stays real.
     """
-    dtype = batch_stats["mean"].dtype
-    mean_dtype = jnp.promote_types(dtype, batch_mean.dtype) if jnp.iscomplexobj(batch_mean) else dtype
-    var_dtype = batch_stats["var"].dtype
+    batch_mean = in_stats_dtype(batch_mean, batch_stats["mean"].dtype)
+    mean_dtype, var_dtype = batch_mean.dtype, batch_stats["var"].dtype
     if valid is None and count is not None:
         valid = (count > 0, count > 1)
     new_count = batch_stats["count"] + 1 if "count" in batch_stats else None
@@ -87,7 +86,7 @@ def update_running(
     if unbiased:
         assert count is not None, "the unbiased update needs the batch's element count"
         batch_var = batch_var * (count / jnp.maximum(count - 1, 1))
-    mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean.astype(mean_dtype)
+    mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean
     var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(var_dtype)
     if valid is not None:
         mean = jnp.where(valid[0], mean, batch_stats["mean"])

@@ -45,6 +45,12 @@ def real_dtype(dtype: Any) -> np.dtype:
     return jnp.finfo(dtype).dtype
 
 
+def in_stats_dtype(t: Array, dtype: Any) -> Array:
+    """``t`` in the statistics dtype ``dtype``; a complex ``t`` in the complex dtype of both (its complex mean or
+    params stay complex where the variance is real)."""
+    return t.astype(jnp.promote_types(t.dtype, dtype) if jnp.iscomplexobj(t) else dtype)
+
+
 def abs2(d: Array) -> Array:
     """``|d|^2``: ``d^2`` for real ``d``, ``re^2 + im^2`` (real) for complex ``d``."""
     if jnp.iscomplexobj(d):

@@ -85,7 +85,6 @@ def with_flax_defaults(cls, name: str, positional: tuple[str, ...]):
 
     def make(*args, **kw):
         kw.update(zip(positional, args, strict=False))
-        args = ()
         if kw.get("momentum") is not None:
             kw["flax_momentum"] = kw.pop("momentum")
         kw.pop("momentum", None)
