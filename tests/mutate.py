@@ -49,7 +49,7 @@ def M(name: str, file: str, find: str, replace: str, *hint: str) -> Mutation:  #
 
 STATS, MOMENTS, COMBINE = "jaxnorm/_statistics.py", "jaxnorm/_moments.py", "jaxnorm/_combine.py"
 RULE, RUNNING, CONV = "jaxnorm/_derivative.py", "jaxnorm/_running.py", "jaxnorm/_conventions.py"
-VARIANTS, INTEROP, KERNELS = "jaxnorm/_variants.py", "jaxnorm/interop.py", "jaxnorm/kernels.py"
+VARIANTS, INTEROP, KERNELS = "jaxnorm/_variants.py", "jaxnorm/interop/_pairing.py", "jaxnorm/kernels.py"
 CORE, FIX, TRANSFORMS = "tests/test_core.py", "tests/test_pytorch_fixtures.py", "tests/test_transforms.py"
 SHARDING, LOW, VAR_TESTS = "tests/test_sharding.py", "tests/test_low_precision.py", "tests/test_variants.py"
 DROPIN, KERNEL_TESTS = "tests/test_flax_dropin.py", "tests/test_kernels.py"
@@ -181,7 +181,7 @@ MUTATIONS = [
       "np.transpose(value, (*range(2, value.ndim), 0, 1))", "tests/test_interop.py"),
     M("interop: dense kernel not transposed", INTEROP, 'kernel = value.T if kind == "linear" else',
       'kernel = value if kind == "linear" else', "tests/test_interop.py"),
-    M("interop: pairing by call order", INTEROP, "for path in [*declared, *(p for p in called if p not in declared)]:",
+    M("interop: pairing by call order", "jaxnorm/interop/_linen.py", "for path in [*declared, *(p for p in called if p not in declared)]:",
       "for path in [*called]:", "tests/test_interop.py::test_derive_names_follows_setup_order_not_call_order"),
     # ---------------------------------------------------------------- Pallas kernels (interpret mode)
     M("kernel forward: mean over padded columns", KERNELS, "mean = jnp.sum(x, axis=1) / n_cols",

@@ -1,0 +1,86 @@
+"""PyTorch ``state_dict`` <-> Flax linen variables, Flax NNX modules and Equinox models + state, for whole models;
+and :func:`compare`, which says module by module where a port differs from its PyTorch original.
+
+torch is optional: a state_dict of NumPy arrays works, and tensors are converted with ``.detach().cpu().numpy()``.
+Only :func:`compare` and :func:`record_torch` need torch, and import it when called.
+
+Layer kinds are inferred: a prefix with ``running_mean`` or a 1-D ``weight`` is a norm layer (weight/bias ->
+scale/bias, running_mean/var/num_batches_tracked -> mean/var/count); a 2-D weight is a Linear; a 3-D+ weight is a
+Conv. Flax (linen and NNX) keeps kernels as ``(in, out)`` / ``(*k, in, out)``; Equinox keeps torch's layouts.
+``kinds={"prefix": "norm"}`` overrides the guess (needed for a LayerNorm/RMSNorm over 2+ trailing dims).
+
+``names`` maps each torch module prefix to the JAX module's path ("/"-separated), e.g.::
+
+    names = {"features.0": "Conv_0", "features.1": "BatchNorm_0", "head": "Dense_0"}      # linen
+    variables = torch_to_flax(model.state_dict(), names)
+    state_dict = flax_to_torch(variables, names)
+
+It need not be written by hand: :func:`derive_names` pairs the torch modules with the JAX modules by order (the
+i-th torch module that holds parameters or buffers with the i-th JAX module that holds convertible leaves, in the
+order the JAX model declares them), checking each pair's kind and shapes. :func:`torch_to_nnx` and
+:func:`torch_to_equinox` derive it themselves where ``names`` leaves modules out.
+
+Note: torch flattens NCHW feature maps in (C, H, W) order; a channels-last model that feeds a flattened map into
+a converted Linear must flatten in the same order (``jnp.transpose(x, (0, 3, 1, 2)).reshape(n, -1)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jaxnorm.interop._compare import Recording, Report, Row, compare, compare_fixture, record_torch
+from jaxnorm.interop._equinox import derive_equinox, equinox_to_torch, torch_to_equinox
+from jaxnorm.interop._linen import derive_linen, flax_to_torch, torch_to_flax
+from jaxnorm.interop._nnx import derive_nnx, nnx_to_torch, torch_to_nnx
+
+
+def framework(model: Any) -> str:
+    """"linen", "nnx" or "equinox": which kind of JAX model ``model`` is (a TypeError for anything else)."""
+    import flax.linen as nn
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        return "nnx"
+    if isinstance(model, nn.Module):
+        return "linen"
+    try:
+        import equinox as eqx
+    except ImportError:  # pragma: no cover - without the extra
+        eqx = None
+    if eqx is not None and isinstance(model, eqx.Module):
+        return "equinox"
+    raise TypeError(f"interop: expected a flax.linen, flax.nnx or equinox module, got {type(model).__name__}.")
+
+
+def derive_names(state_dict: Mapping[str, Any], model: Any, *args: Any, names: Mapping[str, str] | None = None,
+                 kinds: Mapping[str, str] | None = None, **init_kwargs: Any) -> dict[str, str]:
+    """The ``names`` mapping (torch module prefix -> JAX module path) of a port, derived by declaration order.
+
+    - **linen**: ``args``/``init_kwargs`` are a sample call; ``model.init`` is traced with them (nothing is
+      computed), with ``rngs=`` from ``init_kwargs`` if given, else ``jax.random.key(0)``. Flax modules are taken
+      in the order of the ``setup`` assignments, or of creation in a ``@compact`` method.
+    - **NNX**: no sample call; modules are taken in the order their attributes were assigned (``nnx.state``
+      itself sorts by name), list entries in list order.
+    - **Equinox**: ``args`` may hold the model's ``eqx.nn.State`` (the running statistics' shapes are read from
+      the state indices otherwise); modules are taken in field order, then list order.
+
+    The i-th torch module of ``state_dict`` that holds parameters or buffers is paired with the i-th JAX module
+    that holds convertible leaves (kernel/weight, scale, bias, running statistics), and each pair must agree in
+    kind (norm, linear, conv) and in every converted shape. ``names`` fixes some pairs by hand; the rest are paired
+    by order. Raises ``ValueError`` naming the first pair that does not match.
+    """
+    kind = framework(model)
+    if kind == "nnx":
+        if args or init_kwargs:
+            raise TypeError("derive_names: an NNX model needs no sample call; pass only state_dict and model.")
+        return derive_nnx(state_dict, model, names=names, kinds=kinds)
+    if kind == "equinox":
+        if len(args) > 1 or init_kwargs:
+            raise TypeError("derive_names: an Equinox model takes at most its eqx.nn.State after the model.")
+        return derive_equinox(state_dict, model, args[0] if args else None, names=names, kinds=kinds)
+    return derive_linen(state_dict, model, args, init_kwargs, names=names, kinds=kinds)
+
+
+__all__ = ["Recording", "Report", "Row", "compare", "compare_fixture", "derive_names", "equinox_to_torch",
+           "flax_to_torch", "nnx_to_torch", "record_torch", "torch_to_equinox", "torch_to_flax", "torch_to_nnx"]

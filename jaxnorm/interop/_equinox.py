@@ -1,0 +1,147 @@
+"""PyTorch ``state_dict`` <-> Equinox models: ``eqx.nn.Linear`` / ``eqx.nn.Conv*`` weights (torch's own layout),
+the weights of jaxnorm.equinox norm layers (and of equinox's LayerNorm, GroupNorm and RMSNorm), and the running
+statistics the jaxnorm.equinox layers keep in an ``eqx.nn.State``. Updated with ``eqx.tree_at`` and
+``eqx.nn.State.set``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxnorm.interop import _pairing as pairing
+
+Step = tuple[str, Any]  # ("attr", field name) or ("item", index or key)
+
+
+def _kind(module: Any) -> str | None:
+    import equinox as eqx
+
+    import jaxnorm.equinox as jeqx
+
+    if isinstance(module, eqx.nn.Linear):
+        return "linear"
+    if isinstance(module, eqx.nn.Conv) and not isinstance(module, eqx.nn.ConvTranspose):
+        return "conv"
+    norms = tuple(getattr(jeqx, n) for n in jeqx.__all__) + (eqx.nn.LayerNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm)
+    return "norm" if isinstance(module, norms) else None
+
+
+def walk(node: Any, steps: tuple[Step, ...] = ()) -> list[tuple[tuple[Step, ...], Any, str]]:
+    """(steps, module, kind) for every convertible module, in declaration order (field order, then list order)."""
+    import equinox as eqx
+
+    found = []
+    if isinstance(node, eqx.Module):
+        kind = _kind(node)
+        if kind is not None:
+            return [(steps, node, kind)]
+        for field in dataclasses.fields(node):
+            found += walk(getattr(node, field.name, None), (*steps, ("attr", field.name)))
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            found += walk(item, (*steps, ("item", i)))
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            found += walk(item, (*steps, ("item", key)))
+    return found
+
+
+def path_of(steps: tuple[Step, ...]) -> str:
+    return "/".join(str(key) for _, key in steps)
+
+
+def resolve(node: Any, steps: tuple[Step, ...]) -> Any:
+    for how, key in steps:
+        node = getattr(node, key) if how == "attr" else node[key]
+    return node
+
+
+def module_leaves(module: Any, state: Any) -> dict[str, Any]:
+    """{name: array} of one convertible module: its weight and bias, and its running statistics in ``state``."""
+    leaves = {k: getattr(module, k) for k in ("weight", "bias") if getattr(module, k, None) is not None}
+    index = getattr(module, "state_index", None)
+    if index is not None:  # without a state, the initial values the index keeps (if it still does)
+        stats = state.get(index) if state is not None else getattr(index, "init", None)
+        if isinstance(stats, Mapping):
+            leaves.update({k: v for k, v in stats.items() if k in pairing.STATS})
+    return leaves
+
+
+def equinox_modules(model: Any, state: Any) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, str],
+                                                     dict[str, tuple[Step, ...]]]:
+    shapes, kinds, steps = {}, {}, {}
+    for where, module, kind in walk(model):
+        path = path_of(where)
+        shapes[path] = {k: tuple(np.shape(v)) for k, v in module_leaves(module, state).items()}
+        kinds[path], steps[path] = kind, where
+    return shapes, kinds, steps
+
+
+def derive_equinox(state_dict: Mapping[str, Any], model: Any, state: Any, *, names: Mapping[str, str] | None,
+                   kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+    shapes, jax_kinds, _ = equinox_modules(model, state)
+    return pairing.pair(pairing.torch_modules(state_dict), shapes, jax_kinds, fixed=dict(names or {}),
+                        kinds=dict(kinds or {}), style="equinox", framework="Equinox", who="derive_names",
+                        lenient=lenient)
+
+
+def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = None,
+                     names: Mapping[str, str] | None = None, *, kinds: Mapping[str, str] | None = None
+                     ) -> tuple[Any, Any]:
+    """Load a PyTorch ``state_dict`` into an Equinox model and its ``eqx.nn.State``; returns ``(model, state)``.
+
+    Weights keep torch's layout (Equinox's convs and linears are ``(out, in, *k)`` and ``(out, in)``); a conv bias
+    becomes ``(out, 1, ..., 1)``; running statistics go into ``state`` (``None`` for a model without any).
+    ``names`` maps torch module prefixes to Equinox module paths (``"layers/0"``, ``"block/norm"``); the modules it
+    leaves out are paired by declaration order (field order, then list order), each pair checked in kind and
+    shapes. Values are cast to the model's dtypes. The model and state passed in are left as they were.
+    """
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    names = derive_equinox(state_dict, model, state, names=names, kinds=kinds)
+    _, _, steps = equinox_modules(model, state)
+    wheres, values = [], []
+    state = None if state is None else jax.tree.map(lambda a: a, state)  # a copy: State.set uses up its input
+    for prefix, leaves in pairing.group(state_dict, names, "torch_to_equinox").items():
+        kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds or {})
+        pairing.check_leaves(prefix, kind, leaves, "torch_to_equinox")
+        module = resolve(model, steps[names[prefix]])
+        old = module_leaves(module, state)
+        new = {k: jnp.asarray(v, dtype=old[k].dtype) for k, v in pairing.module_to_jax(kind, leaves, "equinox").items()}
+        for name, value in new.items():
+            if name not in old or np.shape(old[name]) != value.shape:
+                raise ValueError(f"torch_to_equinox: {prefix} -> {names[prefix]}/{name}: the state_dict gives shape "
+                                 f"{value.shape}, the model holds {np.shape(old[name]) if name in old else 'nothing'}.")
+        for name in ("weight", "bias"):
+            if name in new:
+                wheres.append((steps[names[prefix]], name))
+                values.append(new[name])
+        stats = {k: v for k, v in new.items() if k in pairing.STATS}
+        if stats:
+            state = state.set(module.state_index, {**state.get(module.state_index), **stats})
+    model = eqx.tree_at(lambda m: [getattr(resolve(m, where), name) for where, name in wheres], model, values)
+    return model, state
+
+
+def equinox_to_torch(model: Any, state: Any, names: Mapping[str, str], *,
+                     kinds: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`torch_to_equinox`: a ``state_dict`` of NumPy arrays for the modules ``names`` maps.
+    ``model`` may be a gradient pytree of the model (``eqx.filter_grad``'s result) with ``state=None``."""
+    _, jax_kinds, steps = equinox_modules(model, state)
+    out: dict[str, np.ndarray] = {}
+    for prefix, path in names.items():
+        if path not in steps:
+            raise KeyError(f"equinox_to_torch: no convertible module at Equinox path {path!r} (torch module "
+                           f"{prefix!r}).")
+        leaves = module_leaves(resolve(model, steps[path]), state)
+        if state is None:
+            leaves = {k: v for k, v in leaves.items() if k not in pairing.STATS}
+        kind = "norm" if (kinds or {}).get(prefix) == "norm" else jax_kinds[path]
+        for leaf, value in pairing.module_to_torch(kind, leaves, "equinox").items():
+            out[f"{prefix}.{leaf}" if prefix else leaf] = value
+    return out

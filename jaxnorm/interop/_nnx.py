@@ -1,0 +1,124 @@
+"""PyTorch ``state_dict`` <-> Flax NNX modules, through NNX's own state API (``nnx.state``,
+``nnx.replace_by_pure_dict``, ``nnx.update``): conv and linear kernels, jaxnorm.nnx norm layers with their running
+statistics and ``count``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxnorm.interop import _pairing as pairing
+
+_CONVERTIBLE = {"kernel", "scale", "bias", "mean", "var"}
+
+
+def _child(parent: Any, key: Any) -> Any:
+    attributes = vars(parent) if hasattr(parent, "__dict__") else {}
+    return attributes[str(key)] if str(key) in attributes else parent[key]
+
+
+def _declaration_key(model: Any, path: tuple) -> tuple[int, ...]:
+    """Where ``path`` sits in declaration order: each step's position among its parent's attributes in assignment
+    order (``nnx.state`` sorts them by name), or its index in a list."""
+    key, node = [], model
+    for step in path:
+        attributes = [a for a in (vars(node) if hasattr(node, "__dict__") else {}) if not a.startswith("_")]
+        key.append(attributes.index(str(step)) if str(step) in attributes else int(step) if isinstance(step, int)
+                   else 0)
+        node = _child(node, step)
+    return tuple(key)
+
+
+def _path(path: tuple) -> str:
+    return "/".join(str(step) for step in path)
+
+
+def state_leaves(model: Any, state: Any = None) -> dict[tuple, dict[str, Any]]:
+    """{module path (tuple): {name: array}} for every module that owns convertible variables, in declaration order.
+    ``state`` (an ``nnx.State`` of the model, e.g. its gradients) replaces the model's own values."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)) if state is None else state
+    modules: dict[tuple, dict[str, Any]] = {}
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value() if hasattr(variable, "get_value") else variable
+        modules.setdefault(tuple(path[:-1]), {})[str(path[-1])] = value
+    convertible = [p for p, v in modules.items() if _CONVERTIBLE & set(v)]
+    return {p: modules[p] for p in sorted(convertible, key=lambda p: _declaration_key(model, p))}
+
+
+def nnx_modules(model: Any) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, tuple]]:
+    """({path: {name: shape}}, {path: path tuple}) in declaration order."""
+    leaves = state_leaves(model)
+    return ({_path(p): {k: tuple(np.shape(v)) for k, v in vs.items()} for p, vs in leaves.items()},
+            {_path(p): p for p in leaves})
+
+
+def _kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return "norm" if "kernel" not in shapes else "linear" if len(shapes["kernel"]) == 2 else "conv"
+
+
+def derive_nnx(state_dict: Mapping[str, Any], model: Any, *, names: Mapping[str, str] | None,
+               kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+    modules, _ = nnx_modules(model)
+    return pairing.pair(pairing.torch_modules(state_dict), modules, {p: _kind(v) for p, v in modules.items()},
+                        fixed=dict(names or {}), kinds=dict(kinds or {}), style="flax", framework="NNX",
+                        who="derive_names", lenient=lenient)
+
+
+def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, str] | None = None, *,
+                 kinds: Mapping[str, str] | None = None) -> Any:
+    """Load a PyTorch ``state_dict`` into an NNX model (in place, as ``nnx.update`` does) and return the model.
+
+    ``names`` maps torch module prefixes to NNX module paths (``"layers/0/conv1"``); the modules it leaves out are
+    paired by declaration order (:func:`derive_names`), each pair checked in kind and shapes. Every value is
+    checked against the model's own shape and cast to its dtype (``num_batches_tracked`` -> the int32 ``count``).
+    """
+    from flax import nnx
+
+    names = derive_nnx(state_dict, model, names=names, kinds=kinds)
+    _, tuples = nnx_modules(model)
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    pure = nnx.to_pure_dict(state)
+    for prefix, leaves in pairing.group(state_dict, names, "torch_to_nnx").items():
+        kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds or {})
+        pairing.check_leaves(prefix, kind, leaves, "torch_to_nnx")
+        node = pure
+        for step in tuples[names[prefix]]:
+            node = node[step]
+        for name, value in pairing.module_to_jax(kind, leaves, "flax").items():
+            node[name] = _cast(value, node.get(name), f"{prefix} -> {names[prefix]}/{name}", "torch_to_nnx")
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+def _cast(value: np.ndarray, old: Any, where: str, who: str) -> Any:
+    import jax.numpy as jnp
+
+    if old is None:
+        raise KeyError(f"{who}: {where}: the model has no such variable.")
+    if tuple(np.shape(old)) != value.shape:
+        raise ValueError(f"{who}: {where}: the state_dict gives shape {value.shape}, the model holds "
+                         f"{tuple(np.shape(old))}.")
+    return jnp.asarray(value, dtype=old.dtype)
+
+
+def nnx_to_torch(model: Any, names: Mapping[str, str], *, kinds: Mapping[str, str] | None = None,
+                 state: Any = None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`torch_to_nnx`: the model's parameters and running statistics as a ``state_dict`` of
+    NumPy arrays, for the modules ``names`` maps. ``state`` (an ``nnx.State`` of the model's parameters, e.g. the
+    gradients ``nnx.grad`` returns) is converted in place of the model's own values."""
+    leaves = {_path(p): v for p, v in state_leaves(model, state).items()}
+    out: dict[str, np.ndarray] = {}
+    for prefix, path in names.items():
+        if path not in leaves:
+            if state is not None:
+                continue  # e.g. a gradient state: a module without parameters has none
+            raise KeyError(f"nnx_to_torch: no convertible variables at NNX path {path!r} (torch module {prefix!r}).")
+        kind = "norm" if "kernel" not in leaves[path] or (kinds or {}).get(prefix) == "norm" else "linear"
+        for leaf, value in pairing.module_to_torch(kind, leaves[path], "flax").items():
+            out[f"{prefix}.{leaf}" if prefix else leaf] = value
+    return out

@@ -1,0 +1,242 @@
+"""The four PyTorch architectures of tests/test_models.py ported to Flax NNX and to Equinox (tests/twins.py).
+
+As for the linen ports: the torch model is trained a few SGD steps, converted with ``interop.torch_to_nnx`` /
+``interop.torch_to_equinox`` (names derived by declaration order), converted back exactly, and compared with its
+twin by hand: eval outputs, training-mode outputs and loss, the updated running statistics and
+``num_batches_tracked``, and every parameter gradient. ``interop.compare`` must then find the port within
+tolerance too (no false alarm on a correct port).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnorm import interop
+from tests import twins
+from tests.test_models import (TorchUNetStage, assert_close, float32_products, nhwc,  # noqa: F401 - a fixture
+                               torchvision_models, train_torch)
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+tnn = torch.nn
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+TRANSFORMER_RENAME = {f"self_attn.in_proj_{leaf}": f"self_attn.in_proj.{leaf}" for leaf in ("weight", "bias")}
+
+
+class _NNX:
+    """The NNX side of a port; running it works on copies (nnx.clone). ``layer_scales`` maps torch keys interop
+    does not convert (ConvNeXt's layer scale) to the NNX attribute path the test moves them to by hand."""
+
+    def __init__(self, model, layer_scales=()):
+        self.model, self.layer_scales = model, dict(layer_scales)
+
+    def load(self, sd):
+        sd = dict(sd)
+        scales = {k: sd.pop(k) for k in self.layer_scales}
+        names = interop.derive_names(sd, self.model)
+        interop.torch_to_nnx(sd, self.model, names)
+        for key, (module, attribute) in self.layer_scales.items():
+            getattr(getattr(self.model, module), attribute)[...] = jnp.asarray(scales[key]).reshape(-1)
+        return names
+
+    def back(self, names):
+        return interop.nnx_to_torch(self.model, names)
+
+    def eval(self, inputs):
+        model = nnx.clone(self.model)
+        model.eval()
+        return model(*inputs)
+
+    def train(self, inputs, loss_of, names):
+        model = nnx.clone(self.model)
+        model.train()
+
+        def loss(m):
+            out = m(*inputs)
+            return loss_of(out), out
+
+        (value, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        scale_grads = {key: np.asarray(grads[module][attribute][...])
+                       for key, (module, attribute) in self.layer_scales.items()}
+        return out, value, interop.nnx_to_torch(model, names, state=grads), interop.nnx_to_torch(model, names), \
+            scale_grads
+
+
+class _Equinox:
+    def __init__(self, model, stateful, layer_scales=()):
+        # equinox's layers are float64 when x64 is on (as in these tests); torch's model is float32
+        model = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
+        self.model, self.state = (eqx.nn.make_with_state(lambda: model)() if stateful else (model, None))
+        self.layer_scales = dict(layer_scales)  # torch key -> function model -> the layer-scale array
+
+    def load(self, sd):
+        sd = dict(sd)
+        scales = [jnp.asarray(sd.pop(k)) for k in self.layer_scales]
+        names = interop.derive_names(sd, self.model, *([self.state] if self.state is not None else []))
+        self.model, self.state = interop.torch_to_equinox(sd, self.model, self.state, names)
+        if self.layer_scales:
+            wheres = list(self.layer_scales.values())
+            self.model = eqx.tree_at(lambda m: [w(m) for w in wheres], self.model, scales)
+        return names
+
+    def back(self, names):
+        return interop.equinox_to_torch(self.model, self.state, names)
+
+    def _batched(self, model, inputs):
+        if self.state is None:
+            return jax.vmap(model, axis_name=twins.AXIS)(*inputs), None
+        return jax.vmap(lambda *xs: model(*xs, self.state), axis_name=twins.AXIS, out_axes=(0, None))(*inputs)
+
+    def eval(self, inputs):
+        return self._batched(eqx.nn.inference_mode(self.model), inputs)[0]
+
+    def train(self, inputs, loss_of, names):
+        @eqx.filter_value_and_grad(has_aux=True)
+        def loss(model):
+            out, state = self._batched(model, inputs)
+            return loss_of(out), (out, state)
+
+        (value, (out, state)), grads = loss(eqx.nn.inference_mode(self.model, value=False))
+        scale_grads = {k: np.asarray(w(grads)) for k, w in self.layer_scales.items()}
+        stats = interop.equinox_to_torch(self.model, state, names) if state is not None else {}
+        return out, value, interop.equinox_to_torch(grads, None, names), stats, scale_grads
+
+
+def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=None, compare=None):
+    """Train, convert, compare by hand (and with ``interop.compare`` when ``compare`` gives its arguments)."""
+    layout = nhwc if channels_last else (lambda a: a)
+    rng = np.random.default_rng(0)
+    torch_model.eval()
+    with torch.no_grad():
+        out_shape = torch_model(*[torch.from_numpy(a) for a in make_inputs(rng)]).shape
+    weights = torch.from_numpy(rng.normal(size=tuple(out_shape)).astype(np.float32))
+    loss_of = lambda out: (out * weights).sum() / out.shape[0]
+    train_torch(torch_model, lambda r: [torch.from_numpy(a) for a in make_inputs(r)], loss_of)
+
+    rename = rename or {}
+    sd = {rename.get(k, k): v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+    names = port.load(sd)
+    back = port.back(names)
+    converted = {k: v for k, v in sd.items() if k.rpartition(".")[0] in names}
+    assert set(back) == set(converted) == {k for k in sd if k not in port.layer_scales}, set(back) ^ set(converted)
+    for key, value in converted.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=f"round trip of {key}")
+        assert back[key].dtype == value.dtype, key
+
+    inputs = make_inputs(np.random.default_rng(2))
+    jax_inputs = [jnp.asarray(layout(a) if a.ndim >= 3 else a) for a in inputs]
+    torch_model.eval()
+    with torch.no_grad():
+        t_eval = torch_model(*[torch.from_numpy(a) for a in inputs]).numpy()
+    assert_close(port.eval(jax_inputs), layout(t_eval), "eval output")
+
+    torch_model.train()
+    t_out = torch_model(*[torch.from_numpy(a) for a in inputs])
+    t_loss = loss_of(t_out)
+    torch_model.zero_grad()
+    t_loss.backward()
+    w_jax = jnp.asarray(layout(weights.numpy()))
+    out, loss, grads, stats, extra_grads = port.train(jax_inputs, lambda y: jnp.sum(y * w_jax) / y.shape[0], names)
+    assert_close(out, layout(t_out.detach().numpy()), "training-mode output")
+    assert_close(loss, t_loss.item(), "loss")
+    t_grads = {rename.get(k, k): p.grad.numpy() for k, p in torch_model.named_parameters()}
+    assert set(grads) | set(extra_grads) == set(t_grads)
+    for key, g in grads.items():
+        assert_close(g, t_grads[key], f"gradient of {key}")
+    for key, g in extra_grads.items():
+        assert_close(np.reshape(g, t_grads[key].shape), t_grads[key], f"gradient of {key}")
+    t_state = {rename.get(k, k): v.numpy() for k, v in torch_model.state_dict().items()}
+    buffers = [k for k in t_state if k.rpartition(".")[2] in BUFFERS]
+    assert {k for k in stats if k.rpartition(".")[2] in BUFFERS} == set(buffers)
+    for key in buffers:
+        if key.endswith("num_batches_tracked"):
+            assert int(stats[key]) == int(t_state[key]) == 4, key
+        else:
+            assert_close(stats[key], t_state[key], f"running statistic {key}")
+    if compare is not None:
+        # the torch model is now one training step on: load it again, then ask compare
+        port.load({rename.get(k, k): v.detach().numpy().copy() for k, v in torch_model.state_dict().items()})
+        report = interop.compare(torch_model, port.model, tuple(inputs), state=getattr(port, "state", None),
+                                 names=names, rename=rename, loss=(loss_of, lambda y: jnp.sum(y * w_jax) / y.shape[0]),
+                                 **compare)
+        report.assert_close()
+        assert {row.module for row in report.rows} >= {p for p in names if p in report.order}
+    return names
+
+
+# ------------------------------------------------------------------------------------------- the four models
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+@pytest.mark.slow
+def test_torchvision_resnet18(framework):
+    torch.manual_seed(0)
+    port = (_NNX(twins.NNXResNet18(10, nnx.Rngs(0)), ()) if framework == "nnx"
+            else _Equinox(twins.EqxResNet18(10, jax.random.key(0)), stateful=True))
+    names = check_port(torchvision_models().resnet18(num_classes=10), port,
+                       lambda r: [r.normal(size=(4, 3, 64, 64)).astype(np.float32)], channels_last=framework == "nnx")
+    assert len(names) == 41
+    assert names["layer2.0.downsample.1"] == ("layer2/0/downsample/layers/1" if framework == "nnx"
+                                              else "layer2/0/downsample/1")
+
+
+def _torch_convnext(d0, d1):
+    convnext = torchvision_models().convnext
+    return tnn.Sequential(
+        tnn.Sequential(tnn.Conv2d(3, d0, 4, 4), convnext.LayerNorm2d(d0, eps=1e-6)),
+        convnext.CNBlock(d0, layer_scale=0.5, stochastic_depth_prob=0.0),
+        tnn.Sequential(convnext.LayerNorm2d(d0, eps=1e-6), tnn.Conv2d(d0, d1, 2, 2)),
+        convnext.CNBlock(d1, layer_scale=0.5, stochastic_depth_prob=0.0),
+        tnn.AdaptiveAvgPool2d(1), tnn.Flatten(1), tnn.LayerNorm(d1, eps=1e-6), tnn.Linear(d1, 10))
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_convnext_style_blocks(framework):
+    torch.manual_seed(0)
+    d0, d1 = 16, 32
+    inside_blocks = {f"{b}.block.{i}": None for b in (1, 3) for i in (2, 3, 5)}  # NHWC in torch, after a permute
+    if framework == "nnx":
+        port = _NNX(twins.NNXConvNeXt(d0, d1, nnx.Rngs(0)),
+                    {"1.layer_scale": ("block1", "layer_scale"), "3.layer_scale": ("block2", "layer_scale")})
+        compare = {"layout": "channels_last", "layouts": inside_blocks}
+    else:
+        port = _Equinox(twins.EqxConvNeXt(d0, d1, jax.random.key(0)), stateful=False,
+                        layer_scales={"1.layer_scale": lambda m: m.block1.layer_scale,
+                                      "3.layer_scale": lambda m: m.block2.layer_scale})
+        # LayerNorm2d's twin normalizes an (H, W, C) view of the example: its arrays are channels-last there
+        compare = {"layouts": {"0.1": "channels_last", "2.0": "channels_last"}}
+    names = check_port(_torch_convnext(d0, d1), port, lambda r: [r.normal(size=(4, 3, 32, 32)).astype(np.float32)],
+                       channels_last=framework == "nnx", compare=compare)
+    assert names["0.1"] == "stem_norm" + ("" if framework == "nnx" else "/norm")
+    assert names["1.block.2"] == "block1/norm"
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_torch_transformer_encoder_layer(framework, norm_first):
+    torch.manual_seed(0)
+    torch_model = tnn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+    port = (_NNX(twins.NNXEncoderLayer(16, 4, 32, norm_first, nnx.Rngs(0)), ()) if framework == "nnx"
+            else _Equinox(twins.EqxEncoderLayer(16, 4, 32, norm_first, jax.random.key(0)), stateful=False))
+    names = check_port(torch_model, port, lambda r: [r.normal(size=(4, 6, 16)).astype(np.float32)],
+                       rename=TRANSFORMER_RENAME, compare={})
+    assert names == {"self_attn.in_proj": "in_proj", "self_attn.out_proj": "out_proj", "linear1": "linear1",
+                     "linear2": "linear2", "norm1": "norm1", "norm2": "norm2"}
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_diffusion_unet_residual_blocks(framework):
+    torch.manual_seed(0)
+    port = (_NNX(twins.NNXUNetStage(nnx.Rngs(0)), ()) if framework == "nnx"
+            else _Equinox(twins.EqxUNetStage(jax.random.key(0)), stateful=False))
+    names = check_port(TorchUNetStage(), port, lambda r: [r.normal(size=(4, 16, 8, 8)).astype(np.float32),
+                                                          r.normal(size=(4, 24)).astype(np.float32)],
+                       channels_last=framework == "nnx",
+                       compare={"layout": "channels_last"} if framework == "nnx" else {})
+    assert names["resnets.0.conv_shortcut"] == "resnets/0/conv_shortcut"
+    assert names["resnets.1.norm2"] == "resnets/1/norm2"

@@ -1,0 +1,339 @@
+"""NNX and Equinox twins of the four PyTorch architectures of tests/test_models.py, built from jaxnorm layers.
+
+Each twin declares its modules in the torch model's order (NNX: the order of the attribute assignments; Equinox:
+the order of the fields), so ``interop.derive_names`` pairs them without a hand-written mapping. NNX twins take
+channels-last inputs, as the linen ones do; Equinox twins take one channels-first example, under ``jax.vmap``
+with ``axis_name="batch"``, as equinox.nn does.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnorm import equinox as je
+from jaxnorm import nnx as jn
+
+AXIS = "batch"
+
+
+def _keys(key, n):
+    return list(jax.random.split(key, n))
+
+
+def _per_position(layer, x):
+    """An Equinox Linear (one vector in) applied at every position of ``x`` (..., features)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return jax.vmap(layer)(flat).reshape(*x.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------- ResNet-18
+
+
+class NNXBasicBlock(nnx.Module):
+    def __init__(self, cin, cout, stride, rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs)
+        self.bn1 = jn.BatchNorm(cout, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
+        self.bn2 = jn.BatchNorm(cout, rngs=rngs)
+        self.downsample = (nnx.Sequential(nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs),
+                                          jn.BatchNorm(cout, rngs=rngs)) if stride != 1 or cin != cout else None)
+
+    def __call__(self, x):
+        y = self.bn2(self.conv2(jax.nn.relu(self.bn1(self.conv1(x)))))
+        return jax.nn.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class NNXResNet18(nnx.Module):
+    def __init__(self, num_classes, rngs):
+        self.conv1 = nnx.Conv(3, 64, (7, 7), strides=2, padding=3, use_bias=False, rngs=rngs)
+        self.bn1 = jn.BatchNorm(64, rngs=rngs)
+        for i, width in enumerate((64, 128, 256, 512)):
+            cin = 64 if i == 0 else width // 2
+            setattr(self, f"layer{i + 1}", nnx.List([NNXBasicBlock(cin, width, 1 if i == 0 else 2, rngs),
+                                                     NNXBasicBlock(width, width, 1, rngs)]))
+        self.fc = nnx.Linear(512, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = block(x)
+        return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+class EqxBasicBlock(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    bn1: je.BatchNorm
+    conv2: eqx.nn.Conv2d
+    bn2: je.BatchNorm
+    downsample: tuple | None
+
+    def __init__(self, cin, cout, stride, key):
+        k = _keys(key, 3)
+        self.conv1 = eqx.nn.Conv2d(cin, cout, 3, stride, padding=1, use_bias=False, key=k[0])
+        self.bn1 = je.BatchNorm(cout, AXIS)
+        self.conv2 = eqx.nn.Conv2d(cout, cout, 3, padding=1, use_bias=False, key=k[1])
+        self.bn2 = je.BatchNorm(cout, AXIS)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = (eqx.nn.Conv2d(cin, cout, 1, stride, use_bias=False, key=k[2]), je.BatchNorm(cout, AXIS))
+
+    def __call__(self, x, state):
+        y, state = self.bn1(self.conv1(x), state)
+        y, state = self.bn2(self.conv2(jax.nn.relu(y)), state)
+        if self.downsample is not None:
+            x, state = self.downsample[1](self.downsample[0](x), state)
+        return jax.nn.relu(y + x), state
+
+
+class EqxResNet18(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    bn1: je.BatchNorm
+    layer1: list
+    layer2: list
+    layer3: list
+    layer4: list
+    fc: eqx.nn.Linear
+
+    def __init__(self, num_classes, key):
+        k = _keys(key, 10)
+        self.conv1 = eqx.nn.Conv2d(3, 64, 7, 2, padding=3, use_bias=False, key=k[0])
+        self.bn1 = je.BatchNorm(64, AXIS)
+        layers = []
+        for i, width in enumerate((64, 128, 256, 512)):
+            cin = 64 if i == 0 else width // 2
+            layers.append([EqxBasicBlock(cin, width, 1 if i == 0 else 2, k[1 + 2 * i]),
+                           EqxBasicBlock(width, width, 1, k[2 + 2 * i])])
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = eqx.nn.Linear(512, num_classes, key=k[9])
+
+    def __call__(self, x, state):
+        x, state = self.bn1(self.conv1(x), state)
+        x = eqx.nn.MaxPool2d(3, 2, padding=1)(jax.nn.relu(x))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x, state = block(x, state)
+        return self.fc(jnp.mean(x, axis=(1, 2))), state
+
+
+# ------------------------------------------------------------------------------------------- ConvNeXt
+
+
+class NNXCNBlock(nnx.Module):
+    """torchvision's CNBlock: depthwise 7x7 conv, LayerNorm over channels, MLP, layer scale, residual."""
+
+    def __init__(self, dim, rngs):
+        self.conv = nnx.Conv(dim, dim, (7, 7), padding=3, feature_group_count=dim, rngs=rngs)
+        self.norm = jn.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * dim, dim, rngs=rngs)
+        self.layer_scale = nnx.Param(jnp.full((dim,), 1e-6))
+
+    def __call__(self, x):
+        y = self.fc2(jax.nn.gelu(self.fc1(self.norm(self.conv(x))), approximate=False))
+        return x + y * self.layer_scale[...].reshape(1, 1, 1, -1)
+
+
+class NNXConvNeXt(nnx.Module):
+    def __init__(self, d0, d1, rngs):
+        self.stem = nnx.Conv(3, d0, (4, 4), strides=4, padding="VALID", rngs=rngs)
+        self.stem_norm = jn.LayerNorm(d0, epsilon=1e-6, rngs=rngs)
+        self.block1 = NNXCNBlock(d0, rngs)
+        self.down_norm = jn.LayerNorm(d0, epsilon=1e-6, rngs=rngs)
+        self.down = nnx.Conv(d0, d1, (2, 2), strides=2, padding="VALID", rngs=rngs)
+        self.block2 = NNXCNBlock(d1, rngs)
+        self.head_norm = jn.LayerNorm(d1, epsilon=1e-6, rngs=rngs)
+        self.head = nnx.Linear(d1, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.block1(self.stem_norm(self.stem(x)))
+        x = self.block2(self.down(self.down_norm(x)))
+        return self.head(self.head_norm(jnp.mean(x, axis=(1, 2))))
+
+
+class EqxCNBlock(eqx.Module):
+    conv: eqx.nn.Conv2d
+    norm: je.LayerNorm
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+    layer_scale: jax.Array
+
+    def __init__(self, dim, key):
+        k = _keys(key, 3)
+        self.conv = eqx.nn.Conv2d(dim, dim, 7, padding=3, groups=dim, key=k[0])
+        self.norm = je.LayerNorm(dim, eps=1e-6)
+        self.fc1 = eqx.nn.Linear(dim, 4 * dim, key=k[1])
+        self.fc2 = eqx.nn.Linear(4 * dim, dim, key=k[2])
+        self.layer_scale = jnp.full((dim, 1, 1), 1e-6)  # torch's shape
+
+    def __call__(self, x):
+        y = jnp.transpose(self.conv(x), (1, 2, 0))  # as torch's block: (H, W, C) for the norm and the MLP
+        y = _per_position(self.fc2, jax.nn.gelu(_per_position(self.fc1, self.norm(y)), approximate=False))
+        return x + jnp.transpose(y, (2, 0, 1)) * self.layer_scale
+
+
+class EqxChannelNorm(eqx.Module):
+    """torchvision's LayerNorm2d for one (C, H, W) example: a LayerNorm over C at every position."""
+
+    norm: je.LayerNorm
+
+    def __call__(self, x):
+        return jnp.transpose(self.norm(jnp.transpose(x, (1, 2, 0))), (2, 0, 1))
+
+
+class EqxConvNeXt(eqx.Module):
+    stem: eqx.nn.Conv2d
+    stem_norm: EqxChannelNorm
+    block1: EqxCNBlock
+    down_norm: EqxChannelNorm
+    down: eqx.nn.Conv2d
+    block2: EqxCNBlock
+    head_norm: je.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, d0, d1, key):
+        k = _keys(key, 5)
+        self.stem = eqx.nn.Conv2d(3, d0, 4, 4, key=k[0])
+        self.stem_norm = EqxChannelNorm(je.LayerNorm(d0, eps=1e-6))
+        self.block1 = EqxCNBlock(d0, k[1])
+        self.down_norm = EqxChannelNorm(je.LayerNorm(d0, eps=1e-6))
+        self.down = eqx.nn.Conv2d(d0, d1, 2, 2, key=k[2])
+        self.block2 = EqxCNBlock(d1, k[3])
+        self.head_norm = je.LayerNorm(d1, eps=1e-6)
+        self.head = eqx.nn.Linear(d1, 10, key=k[4])
+
+    def __call__(self, x):
+        x = self.block1(self.stem_norm(self.stem(x)))
+        x = self.block2(self.down(self.down_norm(x)))
+        return self.head(self.head_norm(jnp.mean(x, axis=(1, 2))))
+
+
+# ------------------------------------------------------------------------------------------- Transformer
+
+
+def _attention(in_proj, out_proj, x, nhead, project):
+    length, d = x.shape[-2:]
+    q, k, v = (t.reshape(*t.shape[:-1], nhead, d // nhead) for t in jnp.split(project(in_proj, x), 3, axis=-1))
+    weights = jax.nn.softmax(jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(d // nhead), axis=-1)
+    return project(out_proj, jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*x.shape[:-2], length, d))
+
+
+class NNXEncoderLayer(nnx.Module):
+    """torch.nn.TransformerEncoderLayer (batch_first, ReLU, no dropout), declared in torch's order."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, norm_first, rngs):
+        self.in_proj = nnx.Linear(d_model, 3 * d_model, rngs=rngs)  # torch's self_attn.in_proj_weight, renamed
+        self.out_proj = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.linear1 = nnx.Linear(d_model, dim_feedforward, rngs=rngs)
+        self.linear2 = nnx.Linear(dim_feedforward, d_model, rngs=rngs)
+        self.norm1 = jn.LayerNorm(d_model, rngs=rngs)
+        self.norm2 = jn.LayerNorm(d_model, rngs=rngs)
+        self.nhead, self.norm_first = nhead, norm_first
+
+    def __call__(self, x):
+        attention = lambda x: _attention(self.in_proj, self.out_proj, x, self.nhead, lambda f, v: f(v))
+        feed_forward = lambda x: self.linear2(jax.nn.relu(self.linear1(x)))
+        if self.norm_first:
+            x = x + attention(self.norm1(x))
+            return x + feed_forward(self.norm2(x))
+        x = self.norm1(x + attention(x))
+        return self.norm2(x + feed_forward(x))
+
+
+class EqxEncoderLayer(eqx.Module):
+    in_proj: eqx.nn.Linear
+    out_proj: eqx.nn.Linear
+    linear1: eqx.nn.Linear
+    linear2: eqx.nn.Linear
+    norm1: je.LayerNorm
+    norm2: je.LayerNorm
+    nhead: int = eqx.field(static=True)
+    norm_first: bool = eqx.field(static=True)
+
+    def __init__(self, d_model, nhead, dim_feedforward, norm_first, key):
+        k = _keys(key, 4)
+        self.in_proj = eqx.nn.Linear(d_model, 3 * d_model, key=k[0])
+        self.out_proj = eqx.nn.Linear(d_model, d_model, key=k[1])
+        self.linear1 = eqx.nn.Linear(d_model, dim_feedforward, key=k[2])
+        self.linear2 = eqx.nn.Linear(dim_feedforward, d_model, key=k[3])
+        self.norm1, self.norm2 = je.LayerNorm(d_model), je.LayerNorm(d_model)
+        self.nhead, self.norm_first = nhead, norm_first
+
+    def __call__(self, x):  # one sequence (L, d_model)
+        attention = lambda x: _attention(self.in_proj, self.out_proj, x, self.nhead, _per_position)
+        feed_forward = lambda x: _per_position(self.linear2, jax.nn.relu(_per_position(self.linear1, x)))
+        if self.norm_first:
+            x = x + attention(self.norm1(x))
+            return x + feed_forward(self.norm2(x))
+        x = self.norm1(x + attention(x))
+        return self.norm2(x + feed_forward(x))
+
+
+# ------------------------------------------------------------------------------------------- diffusion UNet
+
+
+class NNXResBlock(nnx.Module):
+    def __init__(self, cin, cout, temb, rngs, groups=8):
+        self.norm1 = jn.GroupNorm(cin, num_groups=groups, epsilon=1e-6, rngs=rngs)
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), padding=1, rngs=rngs)
+        self.time_emb_proj = nnx.Linear(temb, cout, rngs=rngs)
+        self.norm2 = jn.GroupNorm(cout, num_groups=groups, epsilon=1e-6, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, rngs=rngs)
+        self.conv_shortcut = nnx.Conv(cin, cout, (1, 1), rngs=rngs) if cin != cout else None
+
+    def __call__(self, x, temb):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class NNXUNetStage(nnx.Module):
+    def __init__(self, rngs):
+        self.resnets = nnx.List([NNXResBlock(16, 32, 24, rngs), NNXResBlock(32, 32, 24, rngs)])
+
+    def __call__(self, x, temb):
+        for block in self.resnets:
+            x = block(x, temb)
+        return x
+
+
+class EqxResBlock(eqx.Module):
+    norm1: je.GroupNorm
+    conv1: eqx.nn.Conv2d
+    time_emb_proj: eqx.nn.Linear
+    norm2: je.GroupNorm
+    conv2: eqx.nn.Conv2d
+    conv_shortcut: eqx.nn.Conv2d | None
+
+    def __init__(self, cin, cout, temb, key, groups=8):
+        k = _keys(key, 4)
+        self.norm1, self.conv1 = je.GroupNorm(groups, cin, eps=1e-6), eqx.nn.Conv2d(cin, cout, 3, padding=1, key=k[0])
+        self.time_emb_proj = eqx.nn.Linear(temb, cout, key=k[1])
+        self.norm2 = je.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = eqx.nn.Conv2d(cout, cout, 3, padding=1, key=k[2])
+        self.conv_shortcut = eqx.nn.Conv2d(cin, cout, 1, key=k[3]) if cin != cout else None
+
+    def __call__(self, x, temb):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class EqxUNetStage(eqx.Module):
+    resnets: list
+
+    def __init__(self, key):
+        k = _keys(key, 2)
+        self.resnets = [EqxResBlock(16, 32, 24, k[0]), EqxResBlock(32, 32, 24, k[1])]
+
+    def __call__(self, x, temb):
+        for block in self.resnets:
+            x = block(x, temb)
+        return x
