@@ -9,12 +9,14 @@ with ``axis_name="batch"``, as equinox.nn does.
 from __future__ import annotations
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxnorm import equinox as je
+from jaxnorm import linen as jl
 from jaxnorm import nnx as jn
 
 AXIS = "batch"
@@ -337,3 +339,74 @@ class EqxUNetStage(eqx.Module):
         for block in self.resnets:
             x = block(x, temb)
         return x
+
+
+# ------------------------------------------------------------------------------------------- a small network
+# tests/test_compare.py's TorchNet (conv, BatchNorm2d, conv, GroupNorm, Linear, LayerNorm, Linear), with faults to
+# inject: a LayerNorm epsilon, a group count, and bn: "torch" (right), "flax_momentum" (flax_momentum=0.1 where
+# torch_momentum=0.1 was meant) or "no_count" (Flax's own BatchNorm with momentum 0.9: no num_batches_tracked;
+# jaxnorm.equinox layers always keep a count, so the Equinox twin is the right one there)
+
+
+class FlaxNet(nn.Module):
+    ln_eps: float = 1e-5
+    groups: int = 4
+    bn: str = "torch"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), padding=1)(x)
+        if self.bn == "no_count":
+            bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        else:
+            bn = jl.BatchNorm(use_running_average=not train, **({"flax_momentum": 0.1} if self.bn != "torch" else {}))
+        x = nn.relu(bn(x))
+        x = nn.Conv(8, (3, 3), padding="VALID")(x)
+        x = nn.relu(jl.GroupNorm(num_groups=self.groups)(x))
+        x = nn.Dense(16)(jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1))
+        x = nn.relu(jl.LayerNorm(epsilon=self.ln_eps)(x))  # one module per statement: created in torch's order
+        return nn.Dense(5)(x)
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, ln_eps=1e-5, groups=4, bn="torch"):
+        rngs = nnx.Rngs(0)
+        self.conv1 = nnx.Conv(3, 8, (3, 3), padding=1, rngs=rngs)
+        self.bn = (nnx.BatchNorm(8, momentum=0.9, epsilon=1e-5, rngs=rngs) if bn == "no_count" else
+                   jn.BatchNorm(8, rngs=rngs, **({"flax_momentum": 0.1} if bn != "torch" else {})))
+        self.conv2 = nnx.Conv(8, 8, (3, 3), padding="VALID", rngs=rngs)
+        self.gn = jn.GroupNorm(8, num_groups=groups, rngs=rngs)
+        self.fc1 = nnx.Linear(128, 16, rngs=rngs)
+        self.ln = jn.LayerNorm(16, epsilon=ln_eps, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 5, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.gn(self.conv2(jax.nn.relu(self.bn(self.conv1(x))))))
+        x = self.fc1(jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1))
+        return self.fc2(jax.nn.relu(self.ln(x)))
+
+
+class EqxNet(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    bn: je.BatchNorm
+    conv2: eqx.nn.Conv2d
+    gn: je.GroupNorm
+    fc1: eqx.nn.Linear
+    ln: je.LayerNorm
+    fc2: eqx.nn.Linear
+
+    def __init__(self, ln_eps=1e-5, groups=4, bn="torch"):
+        k = jax.random.split(jax.random.key(0), 4)
+        f32 = {"dtype": jnp.float32}
+        self.conv1 = eqx.nn.Conv2d(3, 8, 3, padding=1, key=k[0], **f32)
+        self.bn = je.BatchNorm(8, "batch", **({"flax_momentum": 0.1} if bn == "flax_momentum" else {}), **f32)
+        self.conv2 = eqx.nn.Conv2d(8, 8, 3, key=k[1], **f32)
+        self.gn = je.GroupNorm(groups, 8, **f32)
+        self.fc1 = eqx.nn.Linear(128, 16, key=k[2], **f32)
+        self.ln = je.LayerNorm(16, eps=ln_eps, **f32)
+        self.fc2 = eqx.nn.Linear(16, 5, key=k[3], **f32)
+
+    def __call__(self, x, state):
+        x, state = self.bn(self.conv1(x), state)
+        x = jax.nn.relu(self.gn(self.conv2(jax.nn.relu(x))))
+        return self.fc2(jax.nn.relu(self.ln(self.fc1(x.reshape(-1))))), state
