@@ -13,7 +13,7 @@ DEFAULT = {
 
 # Per-layer overrides (layer family, dtype) -> tolerance. Gradients of float32 layers sum over many elements in a
 # different order than PyTorch, so they get a looser bound.
-CUSTOM = {
+CUSTOM: dict[tuple[str | None, str], dict[str, float]] = {
     ("grad", "float32"): dict(atol=5e-5, rtol=5e-5),
     # whole ported models (tests/test_models.py): float32 rounding accumulated over up to ~20 layers (worst seen:
     # 7.5e-6 of the array's largest value, a ResNet-18 conv gradient), so the bound

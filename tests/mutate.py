@@ -53,6 +53,7 @@ VARIANTS, INTEROP, KERNELS = "jaxnorm/_variants.py", "jaxnorm/interop/_pairing.p
 CORE, FIX, TRANSFORMS = "tests/test_core.py", "tests/test_pytorch_fixtures.py", "tests/test_transforms.py"
 SHARDING, LOW, VAR_TESTS = "tests/test_sharding.py", "tests/test_low_precision.py", "tests/test_variants.py"
 DROPIN, KERNEL_TESTS = "tests/test_flax_dropin.py", "tests/test_kernels.py"
+COMPARE, COMPARE_TESTS = "jaxnorm/interop/_compare.py", "tests/test_compare.py"
 
 MUTATIONS = [
     # ---------------------------------------------------------------- statistics numerics
@@ -181,8 +182,26 @@ MUTATIONS = [
       "np.transpose(value, (*range(2, value.ndim), 0, 1))", "tests/test_interop.py"),
     M("interop: dense kernel not transposed", INTEROP, 'kernel = value.T if kind == "linear" else',
       'kernel = value if kind == "linear" else', "tests/test_interop.py"),
-    M("interop: pairing by call order", "jaxnorm/interop/_linen.py", "for path in [*declared, *(p for p in called if p not in declared)]:",
-      "for path in [*called]:", "tests/test_interop.py::test_derive_names_follows_setup_order_not_call_order"),
+    M("interop: pairing by call order", "jaxnorm/interop/_linen.py",
+      "for path in [*declared, *(p for p in called if p not in declared)]:", "for path in [*called]:",
+      "tests/test_interop.py::test_derive_names_follows_setup_order_not_call_order"),
+    M("interop: NNX modules in nnx.state's alphabetical order", "jaxnorm/interop/_nnx.py",
+      "for p in sorted(convertible, key=lambda p: _declaration_key(model, p))}", "for p in sorted(convertible)}",
+      "tests/test_interop.py::test_nnx_pairs_by_assignment_order_and_round_trips_exactly"),
+    M("interop: Equinox conv bias kept 1-D", INTEROP,
+      'out[leaf] = value.reshape(_conv_bias_shape(value.shape[0], leaves["weight"].ndim)) if conv_bias else value',
+      "out[leaf] = value", "tests/test_interop.py::test_equinox_pairs_by_field_order_and_round_trips_exactly"),
+    M("compare: gradients ranked with the outputs", COMPARE, '"stats": 1, "grads": 2}[phase]',
+      '"stats": 1, "grads": 0}[phase]',
+      f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[nnx-ln_eps]"),
+    M("compare: isolated mode feeds the chained input", COMPARE,
+      "replaced[i] = jnp.asarray(value, dtype=jnp.result_type(args[i]))", "replaced[i] = args[i]",
+      f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[equinox-groups]"),
+    M("compare: the torch model keeps the training batch's statistics", COMPARE,
+      "torch_model.load_state_dict(before)", "pass",
+      f"{COMPARE_TESTS}::test_a_correct_port_is_within_tolerance[linen]"),
+    M("compare: count not compared", COMPARE, "ok=bool(np.array_equal(a, b)), note=note)", "ok=True, note=note)",
+      f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[equinox-missing_count]"),
     # ---------------------------------------------------------------- Pallas kernels (interpret mode)
     M("kernel forward: mean over padded columns", KERNELS, "mean = jnp.sum(x, axis=1) / n_cols",
       "mean = jnp.sum(x, axis=1) / x.shape[1]", f"{KERNEL_TESTS}::test_forward_kernel_matches_float64"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import equinox as eqx
 import flax
 import flax.linen as nn
 import jax
@@ -10,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from jaxnorm import equinox as je
 from jaxnorm import interop
 from jaxnorm import linen as jl
+from jaxnorm import nnx as jn
 
 NAMES = {"conv1": "Conv_0", "bn": "BatchNorm_0", "conv2": "Conv_1", "gn": "GroupNorm_0", "fc1": "Dense_0",
          "ln": "LayerNorm_0", "fc2": "Dense_1"}
@@ -242,3 +246,112 @@ def test_derive_names_passes_rngs_to_init():
     key = jax.random.key(0)
     assert interop.derive_names(sd, WithDropout(), jnp.zeros((2, 3)), rngs={"params": key, "dropout": key}) == {
         "fc": "Dense_0"}
+
+
+# ------------------------------------------------------------------------------------------- NNX and Equinox
+
+
+class NNXInTorchOrder(nnx.Module):
+    """Attributes assigned in torch's order, which is not their alphabetical order (``nnx.state`` sorts by name)."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.conv1 = nnx.Conv(3, 8, (3, 3), padding=1, rngs=rngs)
+        self.bn = jn.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 8, (3, 3), padding="VALID", rngs=rngs)
+        self.gn = jn.GroupNorm(8, num_groups=4, rngs=rngs)
+        self.fc1 = nnx.Linear(128, 16, rngs=rngs)
+        self.ln = jn.LayerNorm(16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 5, rngs=rngs)
+
+
+def test_nnx_pairs_by_assignment_order_and_round_trips_exactly():
+    sd = _cnn_state_dict(np.random.default_rng(0))
+    sd["bn.num_batches_tracked"] = np.asarray(7, np.int64)
+    model = NNXInTorchOrder()
+    names = interop.derive_names(sd, model)
+    assert names == {k: k for k in NAMES} and list(names) == list(NAMES)
+    assert interop.torch_to_nnx(sd, model) is model  # updated in place, as nnx.update does
+    chex.assert_type(model.bn.count[...], jnp.int32)
+    assert int(model.bn.count[...]) == 7
+    np.testing.assert_array_equal(model.conv1.kernel[...], np.transpose(sd["conv1.weight"], (2, 3, 1, 0)))
+    np.testing.assert_array_equal(model.fc1.kernel[...], sd["fc1.weight"].T)
+    back = interop.nnx_to_torch(model, names)
+    assert list(back) == list(sd)
+    for key, value in sd.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+        assert back[key].dtype == value.dtype, key
+
+
+def test_nnx_errors_name_the_first_mismatch():
+    sd = _cnn_state_dict(np.random.default_rng(0))
+    model = NNXInTorchOrder()
+    with pytest.raises(ValueError, match=r"torch module 'conv1' \(module 1 .*does not match NNX module 'conv1': it "
+                                         r"converts to .*\(3, 3, 3, 4\).*holds .*\(3, 3, 3, 8\)"):
+        interop.torch_to_nnx({**sd, "conv1.weight": np.zeros((4, 3, 3, 3))}, model)
+    with pytest.raises(ValueError, match=r"first torch module left without a partner is 'head'"):
+        interop.torch_to_nnx({**sd, "head.weight": np.zeros((2, 5))}, model)
+    with pytest.raises(ValueError, match=r"NNX path 'fc9', which is not a module with variables"):
+        interop.torch_to_nnx(sd, model, {"fc1": "fc9"})
+    with pytest.raises(TypeError, match=r"an NNX model needs no sample call"):
+        interop.derive_names(sd, model, jnp.zeros((1, 6, 6, 3)))
+    # names given by hand override the order: swapped twins of the same shape are loaded where they are told
+    swapped = {"conv1": "conv1", "bn": "bn", "conv2": "conv2", "gn": "ln", "fc1": "fc1", "ln": "gn", "fc2": "fc2"}
+    sd_same = {**sd, "gn.weight": np.ones(16), "gn.bias": np.zeros(16), "ln.weight": np.full(8, 2.0),
+               "ln.bias": np.full(8, 3.0)}
+    model = NNXInTorchOrder()
+    interop.torch_to_nnx(sd_same, model, swapped)
+    np.testing.assert_array_equal(model.gn.scale[...], np.full(8, 2.0))
+    with pytest.raises(KeyError, match=r"no convertible variables at NNX path 'nothing'"):
+        interop.nnx_to_torch(model, {"fc1": "nothing"})
+
+
+class EqxInTorchOrder(eqx.Module):
+    """Equinox pairs by field order, then list order: a Sequential's layers are "layers/0", "layers/1"."""
+
+    stem: eqx.nn.Sequential
+    conv2: eqx.nn.Conv2d
+    gn: je.GroupNorm
+    head: list
+
+    def __init__(self):
+        k = jax.random.split(jax.random.key(0), 4)
+        self.stem = eqx.nn.Sequential([eqx.nn.Conv2d(3, 8, 3, padding=1, key=k[0]), je.BatchNorm(8, "batch")])
+        self.conv2 = eqx.nn.Conv2d(8, 8, 3, key=k[1])
+        self.gn = je.GroupNorm(4, 8)
+        self.head = [eqx.nn.Linear(128, 16, key=k[2]), je.LayerNorm(16), eqx.nn.Linear(16, 5, key=k[3])]
+
+
+def test_equinox_pairs_by_field_order_and_round_trips_exactly():
+    sd = {k.replace("conv1", "stem.0").replace("bn.", "stem.1.").replace("fc1", "head.0").replace("ln.", "head.1.")
+          .replace("fc2", "head.2"): v for k, v in _cnn_state_dict(np.random.default_rng(0)).items()}
+    sd["stem.1.num_batches_tracked"] = np.asarray(5, np.int64)
+    model, state = eqx.nn.make_with_state(EqxInTorchOrder)()
+    names = interop.derive_names(sd, model, state)
+    assert names == {"stem.0": "stem/layers/0", "stem.1": "stem/layers/1", "conv2": "conv2", "gn": "gn",
+                     "head.0": "head/0", "head.1": "head/1", "head.2": "head/2"}
+    new_model, new_state = interop.torch_to_equinox(sd, model, state)
+    chex.assert_shape(new_model.conv2.bias, (8, 1, 1))  # Equinox's conv bias
+    np.testing.assert_array_equal(new_model.stem.layers[0].weight, sd["stem.0.weight"])  # torch's own layout
+    stats = new_state.get(new_model.stem.layers[1].state_index)
+    assert int(stats["count"]) == 5 and stats["count"].dtype == state.get(model.stem.layers[1].state_index)[
+        "count"].dtype
+    np.testing.assert_array_equal(model.conv2.weight, eqx.nn.make_with_state(EqxInTorchOrder)()[0].conv2.weight)
+    state.get(model.stem.layers[1].state_index)  # the state passed in is still usable (not used up by State.set)
+    back = interop.equinox_to_torch(new_model, new_state, names)
+    assert list(back) == list(sd)
+    for key, value in sd.items():
+        np.testing.assert_array_equal(back[key], value.astype(back[key].dtype), err_msg=key)
+    assert back["stem.1.num_batches_tracked"].dtype == np.int64
+
+
+def test_equinox_errors_name_the_first_mismatch():
+    model, state = eqx.nn.make_with_state(EqxInTorchOrder)()
+    sd = {"stem.0.weight": np.zeros((8, 3, 3, 3)), "stem.0.bias": np.zeros(8), "stem.1.weight": np.ones(4)}
+    with pytest.raises(ValueError, match=r"torch module 'stem.1' \(module 2 .*does not match Equinox module "
+                                         r"'stem/layers/1': it converts to \{'weight': \(4,\)\}"):
+        interop.torch_to_equinox(sd, model, state)
+    with pytest.raises(TypeError, match=r"at most its eqx.nn.State"):
+        interop.derive_names(sd, model, state, jnp.zeros(3))
+    with pytest.raises(KeyError, match=r"no convertible module at Equinox path 'stem'"):
+        interop.equinox_to_torch(model, state, {"stem.0": "stem"})

@@ -18,8 +18,7 @@ from flax import nnx
 
 from jaxnorm import interop
 from tests import twins
-from tests.test_models import (TorchUNetStage, assert_close, float32_products, nhwc,  # noqa: F401 - a fixture
-                               torchvision_models, train_torch)
+from tests.test_models import TorchUNetStage, assert_close, float32_products, nhwc, torchvision_models, train_torch  # noqa: F401 - a fixture
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

@@ -44,6 +44,7 @@ def framework(model: Any) -> str:
         return "nnx"
     if isinstance(model, nn.Module):
         return "linen"
+    eqx: Any
     try:
         import equinox as eqx
     except ImportError:  # pragma: no cover - without the extra

@@ -88,7 +88,7 @@ class Recording:
             "train_state": None if self.train_state is None else {k: ref(v) for k, v in self.train_state.items()},
             "grads": None if self.grads is None else {k: ref(v) for k, v in self.grads.items()},
         }
-        np.savez_compressed(path, index=np.asarray(json.dumps(index)), **arrays)
+        np.savez_compressed(path, **{"index": np.asarray(json.dumps(index)), **arrays})  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str) -> Recording:
@@ -143,7 +143,7 @@ def record_torch(torch_model: Any, inputs: Any, *, loss: Callable[[Any], Any] | 
         for mode in modes:
             calls: dict[str, list[Call]] = {}
 
-            def hook(prefix: str) -> Callable:
+            def hook(prefix: str, calls: dict[str, list[Call]] = calls) -> Callable:
                 def record(module: Any, args: tuple, output: Any) -> None:
                     ins = [as_numpy(a) for a in args if isinstance(a, torch.Tensor)]
                     calls.setdefault(prefix, []).append(Call(ins, as_numpy(_first_tensor(output))))
@@ -319,10 +319,11 @@ def _row(module: str, path: str, mode: str, quantity: str, actual: Any, expected
          tolerance: Mapping[str, float] | None, note: str = "", scale: float | None = None) -> Row:
     tol = _tolerance(expected, tolerance)
     if actual is None:
-        return Row(module, path, mode, quantity, float("inf"), float("inf"), **tol, ok=False, note=note)
+        return Row(module, path, mode, quantity, float("inf"), float("inf"), tol["atol"], tol["rtol"], ok=False,
+                   note=note)
     actual = np.asarray(actual)
     if actual.shape != expected.shape:
-        return Row(module, path, mode, quantity, float("inf"), float("inf"), **tol, ok=False,
+        return Row(module, path, mode, quantity, float("inf"), float("inf"), tol["atol"], tol["rtol"], ok=False,
                    note=f"shape {actual.shape} (JAX) vs {expected.shape} (torch, after the layout); pass "
                         f"layouts={{{module!r}: ...}} if this module's arrays are laid out otherwise")
     a, b = actual.astype(np.float64), expected.astype(np.float64)
@@ -336,7 +337,8 @@ def _row(module: str, path: str, mode: str, quantity: str, actual: Any, expected
         return Row(module, path, mode, quantity, max_abs, max_abs / max(scale, 1.0), 0.0, 0.0,
                    ok=bool(np.array_equal(a, b)), note=note)
     ok = bool(np.all(error <= tol["atol"] * scale + tol["rtol"] * np.abs(b)))
-    return Row(module, path, mode, quantity, max_abs, max_abs / scale if scale else max_abs, **tol, ok=ok, note=note)
+    return Row(module, path, mode, quantity, max_abs, max_abs / scale if scale else max_abs, tol["atol"], tol["rtol"],
+               ok=ok, note=note)
 
 
 # ------------------------------------------------------------------------------------------- the JAX side
@@ -371,15 +373,15 @@ class _Probes:
             return fn(*args, **kwargs)
         calls = self.records[path]
         if self.isolated is not None and path in self.isolated and len(calls) < len(self.isolated[path]):
-            given, args = self.isolated[path][len(calls)], list(args)
+            given, replaced = self.isolated[path][len(calls)], list(args)
             for i, value in enumerate(given[:len(args)]):
                 if np.shape(value) != np.shape(args[i]):
                     raise ValueError(
                         f"compare(isolated=True): the torch twin of {path!r} received an input of shape "
                         f"{np.shape(value)} (after the layout) where the JAX module takes {np.shape(args[i])}; pass "
                         "layouts= for this module, or compare it chained.")
-                args[i] = jnp.asarray(value, dtype=jnp.result_type(args[i]))
-            args = tuple(args)
+                replaced[i] = jnp.asarray(value, dtype=jnp.result_type(args[i]))
+            args = tuple(replaced)
         out = fn(*args, **kwargs)
         calls.append(_first_tensor(out))
         return out

@@ -134,7 +134,8 @@ def module_to_torch(kind: str, leaves: Mapping[str, Any], style: str) -> dict[st
             out["bias"] = value.reshape(-1)
         else:
             out[name] = value
-    return out
+    order = ("weight", "bias", *_RUNNING)  # torch's order: parameters, then buffers
+    return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
 
 
 def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapping[str, Mapping[str, tuple]],
