@@ -3,7 +3,9 @@ every public name, and user-facing text stays short and free of tracker referenc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import pathlib
 import re
 import sys
@@ -19,20 +21,39 @@ PUBLIC = ["jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.equinox", "jaxnorm
 
 
 def python_blocks(page: pathlib.Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    return [code for code, _ in blocks_with_output(page)]
+
+
+def blocks_with_output(page: pathlib.Path) -> list[tuple[str, str | None]]:
+    """(code, shown output) for every Python block; the output is a ```text block right after it, else None."""
+    found = re.findall(r"^```python\n(.*?)^```\n(?:\n```text\n(.*?)^```\n)?", page.read_text(), re.S | re.M)
+    return [(code, output or None) for code, output in found]
+
+
+def numbers_masked(text: str) -> list[str]:
+    """The shown output with every number replaced (they differ in the last digits between machines) and runs of
+    spaces collapsed: the words, modules, markers and layout must match what the block really prints."""
+    lines = [re.sub(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|inf|nan", "#", line) for line in text.strip().splitlines()]
+    return [re.sub(r"-{2,}", "--", re.sub(r" +", " ", line)).rstrip() for line in lines]
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_python_example_runs(page, monkeypatch):
-    """A page's blocks run in order in one namespace, as a reader would paste them."""
+    """A page's blocks run in order in one namespace, as a reader would paste them; a block followed by a
+    ```text block must print that text (numbers aside)."""
     blocks = python_blocks(page)
     for needs in ("torch", "equinox"):
         if any(re.search(rf"^\s*(import|from) {needs}\b", b, re.M) for b in blocks):
             pytest.importorskip(needs, reason=f"{page.name}'s examples use {needs}")
     module = types.ModuleType("docs_example")  # a real module: dataclasses (Flax modules) look theirs up
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{page.relative_to(ROOT)} (python block {i + 1})", "exec"), module.__dict__)
+    for i, (block, shown) in enumerate(blocks_with_output(page)):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed) if shown is not None else contextlib.nullcontext():
+            exec(compile(block, f"{page.relative_to(ROOT)} (python block {i + 1})", "exec"), module.__dict__)
+        if shown is not None:
+            assert numbers_masked(printed.getvalue()) == numbers_masked(shown), (
+                f"{page.relative_to(ROOT)} python block {i + 1} prints:\n{printed.getvalue()}")
 
 
 def test_the_api_reference_covers_every_public_name():

@@ -351,6 +351,8 @@ def test_equinox_errors_name_the_first_mismatch():
     with pytest.raises(ValueError, match=r"torch module 'stem.1' \(module 2 .*does not match Equinox module "
                                          r"'stem/layers/1': it converts to \{'weight': \(4,\)\}"):
         interop.torch_to_equinox(sd, model, state)
+    with pytest.raises(TypeError, match=r"keeps running statistics in an eqx.nn.State; pass it"):
+        interop.derive_names(sd, model)
     with pytest.raises(TypeError, match=r"at most its eqx.nn.State"):
         interop.derive_names(sd, model, state, jnp.zeros(3))
     with pytest.raises(KeyError, match=r"no convertible module at Equinox path 'stem'"):

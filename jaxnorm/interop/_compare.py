@@ -192,8 +192,9 @@ def _layout_fn(layout: Layout) -> Callable[[np.ndarray], Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One compared array. ``max_rel`` is ``max_abs`` over the largest |value| of PyTorch's array; ``ok`` means
-    every element is within ``atol * max|torch| + rtol * |torch|`` (exactly equal for ``num_batches_tracked``)."""
+    """One compared array. ``max_rel`` is ``max_abs`` over the largest absolute value of PyTorch's array; ``ok``
+    means every element is within ``atol * max|torch| + rtol * |torch|`` (exactly equal for
+    ``num_batches_tracked``; a gradient's scale is its module's largest gradient)."""
 
     module: str       # the torch module's prefix; "(output)" for the model's output
     path: str         # the JAX module's path
@@ -282,10 +283,11 @@ class Report:
             lines.append(cells)
         widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
         fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-        tol = self.rows[0] if self.rows else None
-        out = [f"{self.framework} port vs PyTorch, {'isolated' if self.isolated else 'chained'} "
-               f"(max abs / max rel error; tolerance |jax - torch| <= atol*max|torch| + rtol*|torch|"
-               + (f", atol={tol.atol:g}, rtol={tol.rtol:g}" if tol else "") + ")",
+        tol = next((r for r in self.rows if not r.skipped and r.quantity != "num_batches_tracked"), None)
+        mode = "isolated" if self.isolated else "chained"
+        out = [f"{self.framework} port vs PyTorch, {mode} (cells: max abs / max rel error; ! = beyond tolerance)",
+               "tolerance per array: |jax - torch| <= atol * max|torch| + rtol * |torch|"
+               + (f", atol={tol.atol:g}, rtol={tol.rtol:g}" if tol else ""),
                fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
         if first is None:
             out.append(f"all {len(self.rows)} compared arrays within tolerance")
@@ -674,7 +676,7 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
     - ``isolated=True`` feeds each paired JAX module the exact inputs its torch twin received (recorded with
       forward hooks), so a fault shows at its own module even when errors pile up downstream. Gradients are always
       of the whole chained model.
-    - Tolerances: |jax - torch| <= atol * max|torch| + rtol * |torch| per array, with the float32 "model" entry of
+    - Tolerances: ``|jax - torch| <= atol * max|torch| + rtol * |torch|`` per array, with the float32 "model" entry of
       jaxnorm's tolerance table (atol 3e-5, rtol 1e-5) for float32 arrays, or ``tolerance=dict(atol=, rtol=)``
       for all and ``tolerances={prefix: dict(...)}`` per module; ``num_batches_tracked`` must be equal.
     - ``save="port.npz"`` also writes what PyTorch produced, for :func:`compare_fixture` to repeat the comparison

@@ -82,6 +82,10 @@ def equinox_modules(model: Any, state: Any) -> tuple[dict[str, dict[str, tuple[i
 
 def derive_equinox(state_dict: Mapping[str, Any], model: Any, state: Any, *, names: Mapping[str, str] | None,
                    kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+    if state is None and any(not isinstance(getattr(getattr(m, "state_index", None), "init", {}), Mapping)
+                             for _, m, _ in walk(model)):
+        raise TypeError("derive_names: this Equinox model keeps running statistics in an eqx.nn.State; pass it "
+                        "after the model: derive_names(state_dict, model, state).")
     shapes, jax_kinds, _ = equinox_modules(model, state)
     return pairing.pair(pairing.torch_modules(state_dict), shapes, jax_kinds, fixed=dict(names or {}),
                         kinds=dict(kinds or {}), style="equinox", framework="Equinox", who="derive_names",
