@@ -132,7 +132,8 @@ def record_torch(torch_model: Any, inputs: Any, *, loss: Callable[[Any], Any] | 
     rename = dict(rename or {})
     renamed = lambda table: {rename.get(k, k): v for k, v in table.items()}
     as_numpy = lambda t: t.detach().cpu().numpy().copy()
-    tensors = [torch.as_tensor(a) for a in _as_tuple(inputs)]
+    device = next((p.device for p in torch_model.parameters()), None)
+    tensors = [torch.as_tensor(a, device=device) for a in _as_tuple(inputs)]
     before = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
     owners = set(pairing.torch_modules(before))
     modules = {name: m for name, m in torch_model.named_modules() if name in owners}
@@ -145,8 +146,10 @@ def record_torch(torch_model: Any, inputs: Any, *, loss: Callable[[Any], Any] | 
 
             def hook(prefix: str, calls: dict[str, list[Call]] = calls) -> Callable:
                 def record(module: Any, args: tuple, output: Any) -> None:
-                    ins = [as_numpy(a) for a in args if isinstance(a, torch.Tensor)]
-                    calls.setdefault(prefix, []).append(Call(ins, as_numpy(_first_tensor(output))))
+                    output = _first_tensor(output)
+                    if isinstance(output, torch.Tensor):
+                        ins = [as_numpy(a) for a in args if isinstance(a, torch.Tensor)]
+                        calls.setdefault(prefix, []).append(Call(ins, as_numpy(output)))
                 return record
 
             handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
@@ -450,7 +453,7 @@ class _Linen:
         def objective(params):
             y, _ = self.model.apply({**self.variables, "params": params}, *inputs, **self.kwargs[True],
                                     mutable=["batch_stats"])
-            return loss(y)
+            return loss(_first_tensor(y))
 
         grads = jax.jit(jax.grad(objective))(self.variables["params"])
         return _linen.flax_to_torch({"params": grads}, {p: n for p, n in names.items()
@@ -528,7 +531,7 @@ class _NNX:
 
         module = nnx.clone(self.model)  # the copy's running statistics move; the model's do not
         self._set_mode(module, True)
-        grads = nnx.jit(nnx.grad(lambda module: loss(module(*inputs))))(module)
+        grads = nnx.jit(nnx.grad(lambda module: loss(_first_tensor(module(*inputs)))))(module)
         return _nnx.nnx_to_torch(self.model, names, kinds=kinds, state=grads)
 
 
@@ -584,7 +587,7 @@ class _Equinox:
         def objective(model, state, inputs):
             run = lambda inputs: self._call(model, inputs, state)
             y, _ = jax.vmap(run, out_axes=(0, None), axis_name=self.axis_name)(inputs)
-            return loss(y)
+            return loss(_first_tensor(y))
 
         return _equinox.equinox_to_torch(objective(model, self.state, inputs), None, names, kinds=kinds)
 
@@ -753,8 +756,8 @@ def compare_fixture(fixture: str | Recording, jax_model: Any, *, variables: Any 
                 note = "" if i < len(got) else f"called {len(calls)} times by torch, {len(got)} by the JAX model"
                 rows.append(_row(prefix, path, mode, quantity, got[i] if i < len(got) else None,
                                  np.asarray(layout_of(prefix)(call.output)), tol_of(prefix), note))
-        rows.append(_row("(output)", "(output)", mode, "output", y, np.asarray(default(record.output)),
-                         tolerance))
+        rows.append(_row("(output)", "(output)", mode, "output", _first_tensor(y),
+                         np.asarray(default(record.output)), tolerance))
         if mode == "train" and recording.train_state is not None:
             converted = side.to_torch(after, names, kinds)
             for key, expected in recording.train_state.items():
