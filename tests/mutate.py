@@ -190,7 +190,7 @@ MUTATIONS = [
       "tests/test_interop.py::test_nnx_pairs_by_assignment_order_and_round_trips_exactly"),
     M("interop: Equinox conv bias kept 1-D", INTEROP,
       'out[leaf] = value.reshape(_conv_bias_shape(value.shape[0], leaves["weight"].ndim)) if conv_bias else value',
-      "out[leaf] = value", "tests/test_interop.py::test_equinox_pairs_by_field_order_and_round_trips_exactly"),
+      "out[leaf] = value", "tests/test_interop_equinox.py::test_equinox_pairs_by_field_order_and_round_trips_exactly"),
     M("compare: gradients ranked with the outputs", COMPARE, '"stats": 1, "grads": 2}[phase]',
       '"stats": 1, "grads": 0}[phase]',
       f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[nnx-ln_eps]"),

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +15,11 @@ import pytest
 from flax import nnx
 
 from jaxnorm import interop
-from tests import twins
 
 torch = pytest.importorskip("torch")
+eqx = pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra: pip install 'jaxnorm[equinox]'")
+from tests import twins  # noqa: E402 - needs equinox
+
 pytestmark = pytest.mark.torch
 tnn = torch.nn
 X = np.random.default_rng(0).normal(size=(6, 3, 6, 6)).astype(np.float32)
@@ -210,3 +211,21 @@ def test_a_fixture_replays_without_torch(net, tmp_path):
     loaded = interop.Recording.load(str(path))
     assert sorted(loaded.modes) == ["eval", "train"] and loaded.grads is not None
     assert loaded.train_state["bn.num_batches_tracked"] == 4
+
+
+class NNXNetLayerNormTwice(twins.NNXNet):
+    """A port that applies its LayerNorm twice where torch applies it once."""
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.gn(self.conv2(jax.nn.relu(self.bn(self.conv1(x))))))
+        x = self.fc1(jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1))
+        return self.fc2(jax.nn.relu(self.ln(self.ln(x))))
+
+
+def test_a_module_called_more_often_than_in_torch_is_named(net):
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    model = interop.torch_to_nnx(sd, NNXNetLayerNormTwice())
+    report = interop.compare(net, model, X, layout="channels_last", modes=("eval",), isolated=True)
+    assert (report.first.module, report.first.quantity) == ("ln", "output (call 2)"), report.table()
+    assert report.first.note == "called 2 times by the JAX model, 1 by torch"
+    assert [r.ok for r in report.rows if r.module == "ln"] == [True, False]

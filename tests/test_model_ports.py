@@ -9,7 +9,6 @@ tolerance too (no false alarm on a correct port).
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +16,12 @@ import pytest
 from flax import nnx
 
 from jaxnorm import interop
-from tests import twins
 from tests.test_models import TorchUNetStage, assert_close, float32_products, nhwc, torchvision_models, train_torch  # noqa: F401 - a fixture
 
 torch = pytest.importorskip("torch")
+eqx = pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra: pip install 'jaxnorm[equinox]'")
+from tests import twins  # noqa: E402 - needs equinox
+
 pytestmark = pytest.mark.torch
 tnn = torch.nn
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

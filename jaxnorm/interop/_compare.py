@@ -756,6 +756,9 @@ def compare_fixture(fixture: str | Recording, jax_model: Any, *, variables: Any 
                 note = "" if i < len(got) else f"called {len(calls)} times by torch, {len(got)} by the JAX model"
                 rows.append(_row(prefix, path, mode, quantity, got[i] if i < len(got) else None,
                                  np.asarray(layout_of(prefix)(call.output)), tol_of(prefix), note))
+            if len(got) > len(calls):
+                rows.append(_row(prefix, path, mode, f"output (call {len(calls) + 1})", None, np.zeros(()),
+                                 tol_of(prefix), f"called {len(got)} times by the JAX model, {len(calls)} by torch"))
         rows.append(_row("(output)", "(output)", mode, "output", _first_tensor(y),
                          np.asarray(default(record.output)), tolerance))
         if mode == "train" and recording.train_state is not None:
