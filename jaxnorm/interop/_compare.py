@@ -686,7 +686,8 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
       without torch.
 
     Returns a :class:`Report`; ``report.assert_close()`` in a parity test. torch is imported here, not before.
-    Neither model is changed.
+    Neither model is changed. For an NNX model the paired classes' ``__call__`` is wrapped while compare runs, so
+    do not call those classes from another thread meanwhile.
     """
     torch_loss, jax_loss = _split_loss(loss)
     recording = record_torch(torch_model, inputs, loss=torch_loss, modes=modes, rename=rename)
