@@ -19,37 +19,11 @@ from jaxnorm import interop
 torch = pytest.importorskip("torch")
 eqx = pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra: pip install 'jaxnorm[equinox]'")
 from tests import twins  # noqa: E402 - needs equinox
+from tests.test_models import torch_net  # noqa: E402 - needs torch
 
 pytestmark = pytest.mark.torch
-tnn = torch.nn
 X = np.random.default_rng(0).normal(size=(6, 3, 6, 6)).astype(np.float32)
 LOSS = lambda y: (y * y).sum()  # noqa: E731 - one function for both frameworks
-
-
-class TorchNet(tnn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn = tnn.Conv2d(3, 8, 3, padding=1), tnn.BatchNorm2d(8)
-        self.conv2, self.gn = tnn.Conv2d(8, 8, 3), tnn.GroupNorm(4, 8)
-        self.fc1, self.ln, self.fc2 = tnn.Linear(8 * 4 * 4, 16), tnn.LayerNorm(16), tnn.Linear(16, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = torch.relu(self.gn(self.conv2(x)))
-        return self.fc2(torch.relu(self.ln(self.fc1(x.flatten(1)))))
-
-
-def torch_net():
-    torch.manual_seed(0)
-    net = TorchNet()
-    with torch.no_grad():  # norm parameters and statistics away from their initial values
-        for module in (net.bn, net.gn, net.ln):
-            module.weight.add_(0.3 * torch.randn_like(module.weight))
-            module.bias.add_(0.3 * torch.randn_like(module.bias))
-        net.bn.running_mean.normal_()
-        net.bn.running_var.uniform_(0.5, 2.0)
-        net.bn.num_batches_tracked.fill_(3)
-    return net
 
 
 def port(framework, torch_model, transposed_kernel=False, **fault):
@@ -84,7 +58,7 @@ FRAMEWORKS = ["linen", "nnx", "equinox"]
 
 @pytest.fixture(scope="module")
 def net():
-    return torch_net()
+    return torch_net(num_batches_tracked=3)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -168,27 +168,9 @@ def test_derive_names_errors():
 def test_pytorch_cnn_end_to_end():
     torch = pytest.importorskip("torch")
     tnn = torch.nn
+    from tests.test_models import torch_net
 
-    class TorchCNN(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.bn = tnn.Conv2d(3, 8, 3, padding=1), tnn.BatchNorm2d(8)
-            self.conv2, self.gn = tnn.Conv2d(8, 8, 3), tnn.GroupNorm(4, 8)
-            self.fc1, self.ln, self.fc2 = tnn.Linear(8 * 4 * 4, 16), tnn.LayerNorm(16), tnn.Linear(16, 5)
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.conv1(x)))
-            x = torch.relu(self.gn(self.conv2(x)))
-            return self.fc2(torch.relu(self.ln(self.fc1(x.flatten(1)))))
-
-    torch.manual_seed(0)
-    tm = TorchCNN()
-    with torch.no_grad():  # non-trivial norm parameters and statistics
-        for mod in (tm.bn, tm.gn, tm.ln):
-            mod.weight.add_(0.3 * torch.randn_like(mod.weight))
-            mod.bias.add_(0.3 * torch.randn_like(mod.bias))
-        tm.bn.running_mean.normal_()
-        tm.bn.running_var.uniform_(0.5, 2.0)
+    tm = torch_net()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 3, 6, 6)).astype(np.float32)
     y = rng.integers(0, 5, size=6)

@@ -16,7 +16,15 @@ import pytest
 from flax import nnx
 
 from jaxnorm import interop
-from tests.test_models import TorchUNetStage, assert_close, float32_products, nhwc, torchvision_models, train_torch  # noqa: F401 - a fixture
+from tests.test_models import (  # noqa: F401 - a fixture
+    TorchUNetStage,
+    assert_close,
+    float32_products,
+    nhwc,
+    torch_outputs,
+    torchvision_models,
+    trained_torch,
+)
 
 torch = pytest.importorskip("torch")
 eqx = pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra: pip install 'jaxnorm[equinox]'")
@@ -110,13 +118,7 @@ class _Equinox:
 def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=None, compare=None):
     """Train, convert, compare by hand (and with ``interop.compare`` when ``compare`` gives its arguments)."""
     layout = nhwc if channels_last else (lambda a: a)
-    rng = np.random.default_rng(0)
-    torch_model.eval()
-    with torch.no_grad():
-        out_shape = torch_model(*[torch.from_numpy(a) for a in make_inputs(rng)]).shape
-    weights = torch.from_numpy(rng.normal(size=tuple(out_shape)).astype(np.float32))
-    loss_of = lambda out: (out * weights).sum() / out.shape[0]
-    train_torch(torch_model, lambda r: [torch.from_numpy(a) for a in make_inputs(r)], loss_of)
+    weights, loss_of = trained_torch(torch_model, make_inputs)
 
     rename = rename or {}
     sd = {rename.get(k, k): v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
@@ -130,16 +132,8 @@ def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=No
 
     inputs = make_inputs(np.random.default_rng(2))
     jax_inputs = [jnp.asarray(layout(a) if a.ndim >= 3 else a) for a in inputs]
-    torch_model.eval()
-    with torch.no_grad():
-        t_eval = torch_model(*[torch.from_numpy(a) for a in inputs]).numpy()
+    t_eval, t_out, t_loss = torch_outputs(torch_model, inputs, loss_of)
     assert_close(port.eval(jax_inputs), layout(t_eval), "eval output")
-
-    torch_model.train()
-    t_out = torch_model(*[torch.from_numpy(a) for a in inputs])
-    t_loss = loss_of(t_out)
-    torch_model.zero_grad()
-    t_loss.backward()
     w_jax = jnp.asarray(layout(weights.numpy()))
     out, loss, grads, stats, extra_grads = port.train(jax_inputs, lambda y: jnp.sum(y * w_jax) / y.shape[0], names)
     assert_close(out, layout(t_out.detach().numpy()), "training-mode output")

@@ -67,20 +67,39 @@ def train_torch(module, make_inputs, loss_of, steps: int = 3, seed: int = 1) -> 
         opt.step()
 
 
-def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(), channels_first_output=False,
-               rename=None, extra=None, kinds=None):
-    """Train, convert, compare. ``make_inputs(rng)`` gives torch-layout NumPy inputs; those whose index is in
-    ``channels_last_inputs`` are moved to channels-last for Flax, and so is the output if
-    ``channels_first_output``. ``rename`` maps state_dict keys interop does not
-    know to keys it does; ``extra(state_dict) -> {flax path: value}`` places parameters interop does not convert."""
+def trained_torch(torch_model, make_inputs):
+    """Train ``torch_model`` a few steps on a fixed random loss; returns (weights, loss_of) of that loss."""
     rng = np.random.default_rng(0)
     torch_model.eval()  # a shape probe that must not count as a training batch
     with torch.no_grad():
         out_shape = torch_model(*[torch.from_numpy(a) for a in make_inputs(rng)]).shape
     weights = torch.from_numpy(rng.normal(size=tuple(out_shape)).astype(np.float32))
     loss_of = lambda out: (out * weights).sum() / out.shape[0]
-    torch_inputs = lambda r: [torch.from_numpy(a) for a in make_inputs(r)]
-    train_torch(torch_model, torch_inputs, loss_of)
+    train_torch(torch_model, lambda r: [torch.from_numpy(a) for a in make_inputs(r)], loss_of)
+    return weights, loss_of
+
+
+def torch_outputs(torch_model, inputs, loss_of):
+    """PyTorch's reference for ``inputs``: the eval output, then one training-mode forward (which moves the running
+    statistics) and backward (which fills ``.grad``); returns (eval output, training output, loss)."""
+    torch_model.eval()
+    with torch.no_grad():
+        t_eval = torch_model(*[torch.from_numpy(a) for a in inputs]).numpy()
+    torch_model.train()
+    t_out = torch_model(*[torch.from_numpy(a) for a in inputs])
+    t_loss = loss_of(t_out)
+    torch_model.zero_grad()
+    t_loss.backward()
+    return t_eval, t_out, t_loss
+
+
+def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(), channels_first_output=False,
+               rename=None, extra=None, kinds=None):
+    """Train, convert, compare. ``make_inputs(rng)`` gives torch-layout NumPy inputs; those whose index is in
+    ``channels_last_inputs`` are moved to channels-last for Flax, and so is the output if
+    ``channels_first_output``. ``rename`` maps state_dict keys interop does not
+    know to keys it does; ``extra(state_dict) -> {flax path: value}`` places parameters interop does not convert."""
+    weights, loss_of = trained_torch(torch_model, make_inputs)
 
     def to_flax_inputs(arrays):
         return [jnp.asarray(nhwc(a) if i in channels_last_inputs else a) for i, a in enumerate(arrays)]
@@ -109,19 +128,11 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
     for key, value in sd.items():
         np.testing.assert_array_equal(back[key], value, err_msg=f"round trip of {key}")
 
-    # eval
-    torch_model.eval()
-    with torch.no_grad():
-        t_eval = torch_model(*[torch.from_numpy(a) for a in inputs]).numpy()
+    t_eval, t_out, t_loss = torch_outputs(torch_model, inputs, loss_of)
     f_eval = jax.jit(lambda v, *x: flax_model.apply(v, *x))(variables, *x_flax)
     assert_close(f_eval, layout(t_eval), "eval output")
 
     # one training-mode forward and backward
-    torch_model.train()
-    t_out = torch_model(*[torch.from_numpy(a) for a in inputs])
-    t_loss = loss_of(t_out)
-    torch_model.zero_grad()
-    t_loss.backward()
     w_flax = jnp.asarray(layout(weights.numpy()))
     mutable = ["batch_stats"] if "batch_stats" in variables else False
 
@@ -153,6 +164,39 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
             else:
                 assert_close(get_path(updates["batch_stats"], path), s, f"running statistic {path}")
     return names
+
+
+# ------------------------------------------------------------------------------------------- a small CNN
+
+
+class TorchNet(tnn.Module):
+    """Conv2d, BatchNorm2d, Conv2d, GroupNorm, Linear, LayerNorm, Linear (tests/test_interop.py end to end,
+    tests/test_compare.py's faults)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = tnn.Conv2d(3, 8, 3, padding=1), tnn.BatchNorm2d(8)
+        self.conv2, self.gn = tnn.Conv2d(8, 8, 3), tnn.GroupNorm(4, 8)
+        self.fc1, self.ln, self.fc2 = tnn.Linear(8 * 4 * 4, 16), tnn.LayerNorm(16), tnn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.gn(self.conv2(x)))
+        return self.fc2(torch.relu(self.ln(self.fc1(x.flatten(1)))))
+
+
+def torch_net(num_batches_tracked: int = 0) -> TorchNet:
+    """A seeded TorchNet with its norm parameters and running statistics away from their initial values."""
+    torch.manual_seed(0)
+    net = TorchNet()
+    with torch.no_grad():
+        for module in (net.bn, net.gn, net.ln):
+            module.weight.add_(0.3 * torch.randn_like(module.weight))
+            module.bias.add_(0.3 * torch.randn_like(module.bias))
+        net.bn.running_mean.normal_()
+        net.bn.running_var.uniform_(0.5, 2.0)
+        net.bn.num_batches_tracked.fill_(num_batches_tracked)
+    return net
 
 
 # ------------------------------------------------------------------------------------------- ResNet

@@ -225,6 +225,18 @@ def _attention(in_proj, out_proj, x, nhead, project):
     return project(out_proj, jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*x.shape[:-2], length, d))
 
 
+def _encoder_layer(layer, x, project):
+    """torch's TransformerEncoderLayer forward (ReLU, no dropout), post-norm or pre-norm; ``project(linear, x)``
+    applies one of the layer's linears at every position (NNX's take any leading dims, Equinox's one vector)."""
+    attention = lambda x: _attention(layer.in_proj, layer.out_proj, x, layer.nhead, project)
+    feed_forward = lambda x: project(layer.linear2, jax.nn.relu(project(layer.linear1, x)))
+    if layer.norm_first:
+        x = x + attention(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + attention(x))
+    return layer.norm2(x + feed_forward(x))
+
+
 class NNXEncoderLayer(nnx.Module):
     """torch.nn.TransformerEncoderLayer (batch_first, ReLU, no dropout), declared in torch's order."""
 
@@ -238,13 +250,7 @@ class NNXEncoderLayer(nnx.Module):
         self.nhead, self.norm_first = nhead, norm_first
 
     def __call__(self, x):
-        attention = lambda x: _attention(self.in_proj, self.out_proj, x, self.nhead, lambda f, v: f(v))
-        feed_forward = lambda x: self.linear2(jax.nn.relu(self.linear1(x)))
-        if self.norm_first:
-            x = x + attention(self.norm1(x))
-            return x + feed_forward(self.norm2(x))
-        x = self.norm1(x + attention(x))
-        return self.norm2(x + feed_forward(x))
+        return _encoder_layer(self, x, lambda linear, v: linear(v))
 
 
 class EqxEncoderLayer(eqx.Module):
@@ -267,13 +273,7 @@ class EqxEncoderLayer(eqx.Module):
         self.nhead, self.norm_first = nhead, norm_first
 
     def __call__(self, x):  # one sequence (L, d_model)
-        attention = lambda x: _attention(self.in_proj, self.out_proj, x, self.nhead, _per_position)
-        feed_forward = lambda x: _per_position(self.linear2, jax.nn.relu(_per_position(self.linear1, x)))
-        if self.norm_first:
-            x = x + attention(self.norm1(x))
-            return x + feed_forward(self.norm2(x))
-        x = self.norm1(x + attention(x))
-        return self.norm2(x + feed_forward(x))
+        return _encoder_layer(self, x, _per_position)
 
 
 # ------------------------------------------------------------------------------------------- diffusion UNet

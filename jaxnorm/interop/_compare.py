@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -504,8 +505,8 @@ class _NNX:
         def forward(state, inputs, isolated):
             module = nnx.merge(graphdef, state)
             self._set_mode(module, train)
-            targets = {id(m): _nnx._path(p) for p, m in nnx.iter_modules(module) if _nnx._path(p) in wanted}
             objects = {_nnx._path(p): m for p, m in nnx.iter_modules(module) if _nnx._path(p) in wanted}
+            targets = {id(m): path for path, m in objects.items()}
             probes, active = _Probes(paths, isolated, nested), set()
 
             def hook(obj, original, args, kwargs):
@@ -604,6 +605,7 @@ def _active(probes: _Probes):
         _ACTIVE.remove(probes)
 
 
+@functools.cache
 def _probe_class() -> type:
     import equinox as eqx
 
@@ -629,13 +631,8 @@ def _probe_class() -> type:
     return Probe
 
 
-_PROBE: list[type] = []
-
-
 def _Probe(inner: Any, path: str) -> Any:  # noqa: N802 - a class, made on first use (equinox is optional)
-    if not _PROBE:
-        _PROBE.append(_probe_class())
-    return _PROBE[0](inner, path)
+    return _probe_class()(inner, path)
 
 
 # ------------------------------------------------------------------------------------------- compare

@@ -80,16 +80,22 @@ def equinox_modules(model: Any, state: Any) -> tuple[dict[str, dict[str, tuple[i
     return shapes, kinds, steps
 
 
-def derive_equinox(state_dict: Mapping[str, Any], model: Any, state: Any, *, names: Mapping[str, str] | None,
-                   kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+def _pair(state_dict: Mapping[str, Any], model: Any, state: Any, names: Mapping[str, str] | None,
+          kinds: Mapping[str, str] | None, lenient: bool) -> tuple[dict[str, str], dict[str, tuple[Step, ...]]]:
+    """(names, {path: steps}): the pairing, and where each paired module sits in the model."""
     if state is None and any(not isinstance(getattr(getattr(m, "state_index", None), "init", {}), Mapping)
                              for _, m, _ in walk(model)):
         raise TypeError("derive_names: this Equinox model keeps running statistics in an eqx.nn.State; pass it "
                         "after the model: derive_names(state_dict, model, state).")
-    shapes, jax_kinds, _ = equinox_modules(model, state)
+    shapes, jax_kinds, steps = equinox_modules(model, state)
     return pairing.pair(pairing.torch_modules(state_dict), shapes, jax_kinds, fixed=dict(names or {}),
                         kinds=dict(kinds or {}), style="equinox", framework="Equinox", who="derive_names",
-                        lenient=lenient)
+                        lenient=lenient), steps
+
+
+def derive_equinox(state_dict: Mapping[str, Any], model: Any, state: Any, *, names: Mapping[str, str] | None,
+                   kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+    return _pair(state_dict, model, state, names, kinds, lenient)[0]
 
 
 def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = None,
@@ -107,8 +113,7 @@ def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = Non
     import jax
     import jax.numpy as jnp
 
-    names = derive_equinox(state_dict, model, state, names=names, kinds=kinds)
-    _, _, steps = equinox_modules(model, state)
+    names, steps = _pair(state_dict, model, state, names, kinds, lenient=False)
     wheres, values = [], []
     state = None if state is None else jax.tree.map(lambda a: a, state)  # a copy: State.set uses up its input
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_equinox").items():

@@ -60,12 +60,16 @@ def _kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return "norm" if "kernel" not in shapes else "linear" if len(shapes["kernel"]) == 2 else "conv"
 
 
-def derive_nnx(state_dict: Mapping[str, Any], model: Any, *, names: Mapping[str, str] | None,
-               kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
-    modules, _ = nnx_modules(model)
+def _pair(state_dict: Mapping[str, Any], modules: Mapping[str, Mapping[str, tuple[int, ...]]],
+          names: Mapping[str, str] | None, kinds: Mapping[str, str] | None, lenient: bool) -> dict[str, str]:
     return pairing.pair(pairing.torch_modules(state_dict), modules, {p: _kind(v) for p, v in modules.items()},
                         fixed=dict(names or {}), kinds=dict(kinds or {}), style="flax", framework="NNX",
                         who="derive_names", lenient=lenient)
+
+
+def derive_nnx(state_dict: Mapping[str, Any], model: Any, *, names: Mapping[str, str] | None,
+               kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+    return _pair(state_dict, nnx_modules(model)[0], names, kinds, lenient)
 
 
 def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, str] | None = None, *,
@@ -78,8 +82,8 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, 
     """
     from flax import nnx
 
-    names = derive_nnx(state_dict, model, names=names, kinds=kinds)
-    _, tuples = nnx_modules(model)
+    modules, tuples = nnx_modules(model)
+    names = _pair(state_dict, modules, names, kinds, lenient=False)
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     pure = nnx.to_pure_dict(state)
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_nnx").items():
