@@ -22,7 +22,7 @@ from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momen
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._moments import moments
 from jaxnorm._normalize import affine_arrays, normalize
-from jaxnorm._running import running_arrays, update_running
+from jaxnorm._running import empty_batch, running_arrays, update_running
 from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
@@ -30,16 +30,18 @@ _LAYER = "batch_norm"
 
 
 def batch_norm_init(num_features: int, *, affine: bool = True, track_running_stats: bool = True,
-                    dtype: Any = jnp.float32, nonfinite_guard: bool = False
+                    dtype: Any = jnp.float32, nonfinite_guard: bool = False, bias: bool = True
                     ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0.
+
+    ``bias=False`` (PyTorch 2.x's keyword) makes the scale alone: ``params = {"scale": (C,)}``.
 
     ``nonfinite_guard=True`` adds ``batch_stats["skipped"]`` (() int32): a training batch whose statistics are
     NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead, so one bad batch cannot
     silently corrupt the running statistics (the output of that batch is still computed from it).
     """
     return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
-                        nonfinite_guard=nonfinite_guard, where="batch_norm_init")
+                        nonfinite_guard=nonfinite_guard, where="batch_norm_init", bias=bias)
 
 
 def _check_virtual_batch(v: Any, x: Array, feats: tuple[int, ...], mask: Any, axis_name: Any) -> int | None:
@@ -106,7 +108,7 @@ def batch_norm(
                 f"{tuple(x.shape)} (one value per channel along axis={axis}). Use a batch of at least 2, or "
                 "training=False with running statistics."
             )
-        if ghost:
+        if ghost and x.size:  # (an empty batch has no sub-batches: its statistics are the plain ones, unused)
             # (N, ...) -> (N / v, v, ...): statistics per sub-batch, broadcast back over its rows
             xg = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
             gmean, gvar, count = moments(xg, tuple(i + 1 for i in reduction_axes))
@@ -127,6 +129,7 @@ def batch_norm(
         new_stats = update_running(
             batch_stats, mean.reshape(fshape), var.reshape(fshape),
             jnp.broadcast_to(count, mean.shape).reshape(fshape), momentum, running_var_unbiased,
+            empty=empty_batch(x, axis_name),
         )
         return y, new_stats
     return y, batch_stats

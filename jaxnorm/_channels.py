@@ -21,13 +21,22 @@ def check_num_features(num_features: Any, where: str) -> int:
 
 
 def channel_init(num_features: Any, *, affine: bool, track_running_stats: bool, dtype: Any, nonfinite_guard: bool,
-                 where: str) -> tuple[dict[str, Array], dict[str, Array]]:
-    """PyTorch's fresh per-channel ``(params, batch_stats)``: scale 1, bias 0 (``affine``), and the running
-    statistics of ``jaxnorm._running`` (``track_running_stats``)."""
+                 where: str, bias: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
+    """PyTorch's fresh per-channel ``(params, batch_stats)``: scale 1, bias 0 (``affine``; ``bias=False``: the
+    scale alone, as PyTorch 2.x's ``bias=False``), and the running statistics of ``jaxnorm._running``
+    (``track_running_stats``)."""
     c = check_num_features(num_features, where)
-    params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)} if affine else {}
+    params = affine_init((c,), affine=affine, bias=bias, dtype=dtype)
     stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats
+
+
+def affine_init(shape: tuple[int, ...], *, affine: bool, bias: bool, dtype: Any) -> dict[str, Array]:
+    """PyTorch's fresh affine params of ``shape``: scale 1 and bias 0, the scale alone with ``bias=False``, none
+    without ``affine``."""
+    if not affine:
+        return {}
+    return {"scale": jnp.ones(shape, dtype), **({"bias": jnp.zeros(shape, dtype)} if bias else {})}
 
 
 def feature_layout(x: Array, axis: Any, mask: Any, layer: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:

@@ -23,6 +23,13 @@ def check_training(training: Any, layer: str) -> bool:
     )
 
 
+def check_flag(value: Any, name: str, layer: str) -> bool:
+    """A static switch (it selects the program at trace time): a Python bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{layer}: `{name}` must be a Python bool, got {value!r} (type {type(value).__name__}).")
+
+
 def check_input(x: Any, layer: str, *, min_ndim: int, what: str, complex_ok: bool = False) -> Array:
     """x as a JAX array of a floating-point dtype (or complex, for the layers that normalize complex arrays)."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):

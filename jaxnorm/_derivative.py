@@ -128,7 +128,7 @@ def _normalize_tangents(axes, groups, x, mean, inv, scale, x_dot, scale_dot, bia
       forward mode's ``y_dot`` is exact to the rounding of its parts rather than of their sum.
     """
     dtype = inv.dtype
-    n = group_count(x.shape, axes, groups)
+    n = max(group_count(x.shape, axes, groups), 1.0)  # an empty reduction (n = 0): zero sums, zero tangents
     red = functools.partial(sum_over, axes=axes, groups=groups)
     # scale constant over the reduced axes (batch/instance/group norm): the scale goes into the per-group
     # coefficients; else (layer/RMS norm) it multiplies each term of the normalized tangent (its own copy each)

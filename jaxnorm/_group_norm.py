@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._channels import check_affine
+from jaxnorm._channels import affine_init, check_affine
 from jaxnorm._checks import canonical_axes, canonical_axis, channel_shape, check_eps, check_input, check_mask
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays
@@ -35,15 +35,14 @@ def _check_groups(num_groups: Any, num_channels: int, where: str) -> int:
 
 
 def group_norm_init(
-    num_groups: int, num_channels: int, *, affine: bool = True, dtype: Any = jnp.float32
+    num_groups: int, num_channels: int, *, affine: bool = True, dtype: Any = jnp.float32, bias: bool = True
 ) -> dict[str, Array]:
-    """Fresh params as PyTorch initializes them: scale 1, bias 0 (per channel)."""
+    """Fresh params as PyTorch initializes them: scale 1, bias 0 (per channel); ``bias=False`` (PyTorch 2.x)
+    makes the scale alone."""
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(f"group_norm_init: `num_channels` must be a positive int, got {num_channels!r}.")
     _check_groups(num_groups, num_channels, "group_norm_init")
-    if not affine:
-        return {}
-    return {"scale": jnp.ones((num_channels,), dtype), "bias": jnp.zeros((num_channels,), dtype)}
+    return affine_init((num_channels,), affine=affine, bias=bias, dtype=dtype)
 
 
 def resolve_groups(num_groups: Any, group_size: Any, c: int, layer: str = _LAYER) -> int:

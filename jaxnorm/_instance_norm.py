@@ -21,10 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._channels import channel_init, check_channel_state, feature_layout
-from jaxnorm._checks import broadcast_shape, check_eps, check_input, check_momentum, check_training
+from jaxnorm._checks import (
+    broadcast_shape,
+    check_eps,
+    check_flag,
+    check_input,
+    check_momentum,
+    check_training,
+)
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
-from jaxnorm._running import running_arrays, update_running
+from jaxnorm._running import empty_batch, running_arrays, update_running
 from jaxnorm._statistics import stats_dtype
 
 Array = jax.Array
@@ -32,12 +39,13 @@ _LAYER = "instance_norm"
 
 
 def instance_norm_init(num_features: int, *, affine: bool = False, track_running_stats: bool = False,
-                       dtype: Any = jnp.float32, nonfinite_guard: bool = False
+                       dtype: Any = jnp.float32, nonfinite_guard: bool = False, bias: bool = True
                        ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats);
-    ``nonfinite_guard`` as in ``batch_norm_init``."""
+    ``bias=False`` with ``affine=True`` makes the scale alone (PyTorch 2.x); ``nonfinite_guard`` as in
+    ``batch_norm_init``."""
     return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
-                        nonfinite_guard=nonfinite_guard, where="instance_norm_init")
+                        nonfinite_guard=nonfinite_guard, where="instance_norm_init", bias=bias)
 
 
 def instance_norm(
@@ -53,30 +61,43 @@ def instance_norm(
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
     batch_axis_name: Hashable | None = None,
+    batched: bool = True,
 ) -> tuple[Array, dict[str, Array]]:
     """Normalize each (example, channel) over its spatial axes; returns ``(y, new_batch_stats)``.
 
     ``x`` is ``(N, ..., C, ...)`` with the batch on axis 0 and channels on ``axis`` (a tuple of axes gives
-    per-feature statistics and params over all of them, as Flax's ``feature_axes``); for an unbatched ``(C, L)``
-    input use ``x[None]`` or ``jax.vmap``. ``mask`` (bool, broadcastable to ``x``) excludes positions from the
-    statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
+    per-feature statistics and params over all of them, as Flax's ``feature_axes``). ``batched=False`` takes one
+    example with no batch axis, as PyTorch's InstanceNorm takes ``(C, L)``, ``(C, H, W)`` and ``(C, D, H, W)``: it
+    is normalized as the batch ``x[None]`` of one, and ``y`` has x's shape; ``axis`` still counts in the batched
+    layout, so the default ``1`` is the channel of ``(C, ...)`` and ``-1`` that of ``(..., C)``. (The rank alone
+    cannot tell ``(C, H, W)`` from a batch ``(N, C, L)``: where the params or running statistics say which one x
+    is, the other reading is refused with the fix.) ``mask`` (bool, broadcastable to ``x``) excludes positions
+    from the statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
     (the spatial axes split over devices). ``batch_axis_name`` is the named axis the batch's examples are mapped
     over (a ``jax.vmap`` over examples, as Equinox calls a layer, or the batch split over devices): the running
     statistics then average the per-instance statistics over all of them, as over the batch axis.
     """
     training = check_training(training, _LAYER)
+    batched = check_flag(batched, "batched", _LAYER)
+    layout = "(N, C, spatial...)" if batched else "(C, spatial...) with batched=False"
     x = check_input(
         x,
         _LAYER,
-        min_ndim=3,
-        what="rank >= 3, (N, C, spatial...): each (example, channel) normalized over its spatial values (a rank-2 "
-             "input has one value per channel, as PyTorch refuses). For an unbatched (C, L) input use x[None] or "
-             "jax.vmap",
+        min_ndim=3 if batched else 2,
+        what=f"rank >= {3 if batched else 2}, {layout}: each (example, channel) normalized over its spatial values"
+             + (". For one unbatched example (C, L), pass batched=False" if batched else ""),
         complex_ok=True,
     )
+    if not batched:
+        _check_batch_layout(params, batch_stats, x, axis, batched)
+        y, new = instance_norm(params, batch_stats, x[None], training=training, axis=axis, momentum=momentum,
+                               eps=eps, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                               batch_axis_name=batch_axis_name)
+        return y[0], new
     feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
     if 0 in feats:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
+    _check_batch_layout(params, batch_stats, x, axis, batched)
     check_channel_state(params, batch_stats, fshape, _LAYER, "instance_norm_init")
     eps = check_eps(eps, _LAYER)
     momentum = check_momentum(momentum, _LAYER)
@@ -102,7 +123,7 @@ def instance_norm(
         inst_mean, inst_var, valid = _batch_average(mean, var, count, feats, batch_axis_name)
         # PyTorch's InstanceNorm never counts batches
         new_stats = update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False,
-                                   count_batches=False, valid=valid)
+                                   count_batches=False, valid=valid, empty=empty_batch(x, batch_axis_name))
         return y, new_stats
     return y, batch_stats
 
@@ -121,3 +142,34 @@ def _batch_average(mean, var, count, feats, batch_axis_name):
         sums = jax.lax.psum(sums, batch_axis_name)
     mean_sum, n_mean, var_sum, n_var = sums
     return mean_sum / jnp.maximum(n_mean, 1), var_sum / jnp.maximum(n_var, 1), (n_mean > 0, n_var > 0)
+
+
+def _check_batch_layout(params: Any, batch_stats: Any, x: Array, axis: Any, batched: bool) -> None:
+    """Refuse the reading of x that the state contradicts when the other reading fits it: a ``(C, H, W)`` example
+    read as a batch ``(N, C, L)``, or a batch given with ``batched=False``."""
+    state = [t[k] for t, k in ((params, "scale"), (params, "bias"), (batch_stats, "mean"))
+             if isinstance(t, dict) and hasattr(t.get(k), "shape")]
+    if not state or x.ndim < 3:
+        return
+    want = tuple(state[0].shape)
+
+    def features(shape):  # the feature shape of an input of this shape, None where `axis` does not fit it
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        if not all(isinstance(a, int) and -len(shape) <= a < len(shape) for a in axes):
+            return None
+        return tuple(shape[a % len(shape)] for a in sorted({a % len(shape) for a in axes}))
+
+    as_batch, as_example = features(x.shape), features((1, *x.shape))
+    if batched and as_batch != want and as_example == want:
+        raise ValueError(
+            f"{_LAYER}: x of shape {tuple(x.shape)} read as a batch (N, C, spatial...) has features {as_batch} on "
+            f"axis={axis}, but the params/running statistics have {want}; read as one example without a batch axis "
+            "it fits. Pass batched=False for an unbatched input (as PyTorch's InstanceNorm takes (C, L...)), or "
+            "x[None]."
+        )
+    if not batched and as_example != want and as_batch == want:
+        raise ValueError(
+            f"{_LAYER}: x of shape {tuple(x.shape)} read as one example (batched=False) has features {as_example} "
+            f"on axis={axis}, but the params/running statistics have {want}; read as a batch it fits. Drop "
+            "batched=False."
+        )

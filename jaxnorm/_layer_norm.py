@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxnorm._channels import affine_init
 from jaxnorm._checks import (
     broadcast_shape,
     canonical_axes,
@@ -42,12 +43,7 @@ def layer_norm_init(
 ) -> dict[str, Array]:
     """Fresh params as PyTorch initializes them: scale 1, bias 0."""
     shape = normalized_shape_tuple(normalized_shape, "layer_norm_init")
-    if not elementwise_affine:
-        return {}
-    params = {"scale": jnp.ones(shape, dtype)}
-    if bias:
-        params["bias"] = jnp.zeros(shape, dtype)
-    return params
+    return affine_init(shape, affine=elementwise_affine, bias=bias, dtype=dtype)
 
 
 def rms_norm_init(

@@ -23,6 +23,7 @@ from jaxnorm._normalize import normalize
 from jaxnorm._statistics import (
     checked_one_pass,
     group_count,
+    kept_shape,
     real_dtype,
     row_moments,
     square_mean,
@@ -40,6 +41,9 @@ def own_moments(x: Array, axes: tuple[int, ...], groups: tuple[int, int] | None)
     """(count, mean, M2) of x over ``axes`` (``groups``: pooled in channel groups) on this device, no mask."""
     n = group_count(x.shape, axes, groups)
     count = jnp.full((1,) * x.ndim, n, real_dtype(stats_dtype(x.dtype)))
+    if n == 0:  # an empty reduction (a zero-size batch): nothing to average, mean and M2 are 0
+        zero = jnp.zeros(kept_shape(x.shape, axes), stats_dtype(x.dtype))
+        return count, zero, zero.real
     if jnp.iscomplexobj(x):  # complex: the two-pass formula everywhere (nothing measured for it)
         return count, *two_pass(x, stats_dtype(x.dtype), functools.partial(sum_over, axes=axes, groups=groups), n)
     mean, m2 = jax.lax.platform_dependent(x, cpu=functools.partial(_cpu_moments, axes=axes, groups=groups),
@@ -95,7 +99,7 @@ def _pallas_rows(x, axes, groups, scale, bias) -> bool:
     """Whether this call is one the Pallas row kernel computes: statistics over trailing dims (layer/RMS norm),
     float32/bfloat16/float16 x, and a scale and bias (if any) over exactly those dims."""
     k = x.ndim - len(axes)
-    if groups is not None or not axes or tuple(sorted(axes)) != tuple(range(k, x.ndim)) or k == 0:
+    if x.size == 0 or groups is not None or not axes or tuple(sorted(axes)) != tuple(range(k, x.ndim)) or k == 0:
         return False
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False

@@ -45,6 +45,12 @@ def running_arrays(batch_stats: Mapping[str, Array], dtype: Any, bshape: tuple[i
     return mean, var
 
 
+def empty_batch(x: Array, axis_name: Any = None) -> bool:
+    """Whether a training batch is empty on every device, known from the shapes: a zero-size ``x`` (every device
+    of a mapped or sharded axis holds the same shape), or a ``jax.vmap`` over zero examples."""
+    return x.size == 0 or (axis_name is not None and jax.lax.axis_size(axis_name) == 0)
+
+
 def update_running(
     batch_stats: Mapping[str, Array],
     batch_mean: Array,
@@ -55,6 +61,7 @@ def update_running(
     *,
     count_batches: bool = True,
     valid: tuple[Array, Array] | None = None,
+    empty: bool = False,
 ) -> dict[str, Array]:
     """PyTorch's running-statistics update from per-channel batch statistics.
 
@@ -63,14 +70,19 @@ def update_running(
     variance as given, e.g. biased as flax.linen.BatchNorm's), ``count`` being the values behind each channel's
     statistics (per channel, or one number for all: after a mask, or across devices, the global count).
 
-    Where a mask left a channel too few values (``valid``: which channels have a mean and which a variance,
-    by default ``count > 0`` and ``count > 1``), the update does not invent them: no value keeps the channel's
-    mean and variance, one value updates only its mean (a single value has no spread). A batch in which no
-    channel has a value is not counted. A state without ``count`` stays without it; ``count_batches=False``
-    leaves it unchanged (PyTorch's InstanceNorm never counts). A state made with ``nonfinite_guard=True`` (a
-    ``skipped`` counter) keeps its statistics when the batch's are not finite and counts the skipped batch
-    instead. A complex batch mean makes the running mean complex (as Flax); the running variance stays real.
+    Where a mask left a channel too few values (``valid``: which channels have a mean and which a variance, by
+    default ``count > 0`` and ``count > 1``), the update does not invent them: no value keeps the channel's mean and
+    variance, one value updates only its mean (a single value has no spread). A batch in which no channel has a
+    value is not counted. A zero-size batch (``empty``: ``empty_batch``, known from the shapes) follows PyTorch
+    instead: the statistics stay and the batch is counted. A state without ``count`` stays without it;
+    ``count_batches=False`` leaves it unchanged (PyTorch's InstanceNorm never counts). A state made with
+    ``nonfinite_guard=True`` (a ``skipped`` counter) keeps its statistics when the batch's are not finite and counts
+    the skipped batch instead. A complex batch mean makes the running mean complex (as Flax); the running variance
+    stays real.
     """
+    if empty:
+        counted = "count" in batch_stats and count_batches
+        return {**batch_stats, **({"count": batch_stats["count"] + 1} if counted else {})}
     batch_mean = in_stats_dtype(batch_mean, batch_stats["mean"].dtype)
     mean_dtype, var_dtype = batch_mean.dtype, batch_stats["var"].dtype
     if valid is None and count is not None:

@@ -61,6 +61,11 @@ def abs2(d: Array) -> Array:
 # --------------------------------------------------------------------------------------------- reductions
 
 
+def kept_shape(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a statistic over ``axes`` of an array of ``shape``: the reduced axes kept as size-1 dims."""
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
 def group_count(shape: Sequence[int], axes: Sequence[int], groups: tuple[int, int] | None = None) -> float:
     """Number of elements each statistic of ``sum_over(t, axes, groups)`` pools."""
     n = float(np.prod([shape[a] for a in axes])) if axes else 1.0
@@ -176,4 +181,6 @@ def masked_moments(x: Array, mask: Array, axes: tuple[int, ...], groups: tuple[i
 def square_mean(x: Array, axes: tuple[int, ...]) -> Array:
     """Mean of ``x**2`` over ``axes`` (kept), in ``stats_dtype(x.dtype)``: RMS normalization's statistic."""
     xf = x.astype(stats_dtype(x.dtype))
+    if group_count(x.shape, axes) == 0:  # an empty reduction: nothing to average
+        return jnp.zeros(kept_shape(x.shape, axes), real_dtype(xf.dtype))
     return jnp.mean(abs2(xf), axes, keepdims=True)

@@ -14,7 +14,7 @@ from jaxnorm._channels import check_channel_state
 from jaxnorm._checks import canonical_axis, channel_shape, check_eps, check_input, check_momentum, check_training
 from jaxnorm._moments import moments
 from jaxnorm._normalize import normalize
-from jaxnorm._running import running_arrays, update_running
+from jaxnorm._running import empty_batch, running_arrays, update_running
 from jaxnorm._statistics import stats_dtype
 from jaxnorm._tree import get_path, set_path, walk
 
@@ -73,7 +73,8 @@ def batch_renorm(
     r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
     d = jax.lax.stop_gradient(jnp.clip((mean - mu) / sigma, -d_max, d_max))
     y = normalize(x, mean, var, eps, scale * r, bias + scale * d)
-    new = update_running(batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum)
+    new = update_running(batch_stats, mean.reshape(c), var.reshape(c), count.reshape(-1)[0], momentum,
+                         empty=empty_batch(x))
     return y, new
 
 

@@ -21,6 +21,7 @@ of the same reductions and apply everywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -55,10 +56,11 @@ def contiguous_rows(shape: Sequence[int], axes: tuple[int, ...], groups: tuple[i
     k = len(shape) - len(axes)
     if not axes or tuple(sorted(axes)) != tuple(range(k, len(shape))):
         return None
+    row = math.prod(shape[k:])  # the row length, written out: a zero-size batch has no rows to infer it from
     if groups is None:
-        return tuple(shape[:k]) + (-1,)
+        return tuple(shape[:k]) + (row,)
     if groups[0] == k - 1:
-        return tuple(shape[: k - 1]) + (groups[1], -1)
+        return tuple(shape[: k - 1]) + (groups[1], shape[k - 1] // groups[1] * row)
     return None
 
 

@@ -64,8 +64,9 @@ def _with_state(y: Array, state: Any) -> Any:
 
 class BatchNorm(eqx.nn.StatefulLayer):
     """torch.nn.BatchNorm{1,2,3}d for Equinox, with equinox.nn.BatchNorm's keywords (``input_size``,
-    ``axis_name``, ``eps``, ``channelwise_affine``, ``inference``, ``dtype``). Input: one example ``(C, ...)``
-    under ``jax.vmap(..., axis_name=axis_name)``."""
+    ``axis_name``, ``eps``, ``channelwise_affine``, ``inference``, ``dtype``); ``use_bias=False`` is PyTorch 2.x's
+    ``bias=False`` (a weight, no bias). Input: one example ``(C, ...)`` under ``jax.vmap(..., axis_name=axis_name)``
+    (a vmap over zero examples counts the batch and keeps the statistics, as PyTorch does an empty batch)."""
 
     weight: Array | None
     bias: Array | None
@@ -79,7 +80,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     channelwise_affine: bool = eqx.field(static=True)
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
-                 channelwise_affine: bool = True, *, torch_momentum: float | None = 0.1,
+                 channelwise_affine: bool = True, *, use_bias: bool = True, torch_momentum: float | None = 0.1,
                  flax_momentum: float | None = None, inference: bool = False, dtype: Any = None,
                  momentum: Any = _UNSET, mode: str | None = None):
         no_plain_momentum(momentum, "BatchNorm", _UNSET)
@@ -89,7 +90,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "batch with its own statistics and inference with the running ones (equinox's mode='batch', "
                 "PyTorch's semantics). Drop `mode` or pass mode='batch'."
             )
-        params, stats = jaxnorm.batch_norm_init(input_size, affine=channelwise_affine, dtype=_dtype(dtype))
+        params, stats = jaxnorm.batch_norm_init(input_size, affine=channelwise_affine, bias=use_bias,
+                                                dtype=_dtype(dtype))
         self.weight, self.bias = params.get("scale"), params.get("bias")
         self.state_index = eqx.nn.StateIndex(stats)
         self.inference = inference
@@ -112,7 +114,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
 class InstanceNorm(eqx.nn.StatefulLayer):
     """torch.nn.InstanceNorm{1,2,3}d for Equinox (equinox has none): one example ``(C, *spatial)``, each channel
-    normalized over its spatial positions. PyTorch's defaults (no affine, no running statistics);
+    normalized over its spatial positions. PyTorch's defaults (no affine, no running statistics; ``use_bias=False``
+    with ``channelwise_affine=True``: PyTorch 2.x's ``bias=False``);
     ``track_running_stats=True`` needs the ``axis_name`` of the batch ``vmap`` (the running statistics are the
     batch average of the per-instance ones, as PyTorch's)."""
 
@@ -126,7 +129,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
     input_size: int = eqx.field(static=True)
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable] | None = None, eps: float = 1e-5,
-                 channelwise_affine: bool = False, *, track_running_stats: bool = False,
+                 channelwise_affine: bool = False, *, use_bias: bool = True, track_running_stats: bool = False,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, inference: bool = False,
                  dtype: Any = None, momentum: Any = _UNSET):
         no_plain_momentum(momentum, "InstanceNorm", _UNSET)
@@ -134,7 +137,7 @@ class InstanceNorm(eqx.nn.StatefulLayer):
             raise ValueError(
                 "InstanceNorm: `track_running_stats=True` averages the per-instance statistics over the batch, so "
                 "it needs the `axis_name` of the batch vmap, e.g. InstanceNorm(C, axis_name='batch', ...).")
-        params, stats = jaxnorm.instance_norm_init(input_size, affine=channelwise_affine,
+        params, stats = jaxnorm.instance_norm_init(input_size, affine=channelwise_affine, bias=use_bias,
                                                    track_running_stats=track_running_stats, dtype=_dtype(dtype))
         self.weight, self.bias = params.get("scale"), params.get("bias")
         self.state_index = eqx.nn.StateIndex(stats) if stats else None
@@ -147,12 +150,12 @@ class InstanceNorm(eqx.nn.StatefulLayer):
     def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None, inference: bool | None = None):
         training = not bool(self.inference if inference is None else inference)
         stats = state.get(self.state_index) if self.state_index is not None and state is not _NO_STATE else {}
-        y, new = jaxnorm.instance_norm(_params(self), stats, x[None], training=training, axis=1,
+        y, new = jaxnorm.instance_norm(_params(self), stats, x, training=training, batched=False,
                                        momentum=self.momentum, eps=self.eps,
                                        batch_axis_name=self.axis_name if stats else None)
         if stats and training:
             state = _set_state(state, self.state_index, new, "InstanceNorm")
-        return _with_state(y[0], state)
+        return _with_state(y, state)
 
 
 class _TrailingNorm(eqx.Module):
@@ -204,7 +207,7 @@ class RMSNorm(_TrailingNorm):
 
 class GroupNorm(eqx.Module):
     """torch.nn.GroupNorm / equinox.nn.GroupNorm: ``groups`` contiguous groups of the ``channels`` of one example
-    ``(C, *spatial)``."""
+    ``(C, *spatial)``; ``use_bias=False`` is PyTorch 2.x's ``bias=False``."""
 
     weight: Array | None
     bias: Array | None
@@ -213,11 +216,11 @@ class GroupNorm(eqx.Module):
     eps: float = eqx.field(static=True)
 
     def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5, channelwise_affine: bool = True,
-                 dtype: Any = None):
+                 dtype: Any = None, *, use_bias: bool = True):
         if channelwise_affine and channels is None:
             raise ValueError("GroupNorm: `channels` is needed for the per-channel weight and bias "
                              "(or pass channelwise_affine=False).")
-        params = jaxnorm.group_norm_init(groups, channels, affine=channelwise_affine,
+        params = jaxnorm.group_norm_init(groups, channels, affine=channelwise_affine, bias=use_bias,
                                          dtype=_dtype(dtype)) if channels is not None else {}
         self.weight, self.bias = params.get("scale"), params.get("bias")
         self.groups, self.channels, self.eps = groups, channels, eps

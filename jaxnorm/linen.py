@@ -101,12 +101,12 @@ class _ChannelNorm(_Layer):
     def _momentum(self) -> conventions.Momentum:
         return conventions.resolve_momentum(self.torch_momentum, self.flax_momentum, type(self).__name__)
 
-    def _apply(self, fn, x, use_running_average, *, momentum, default_affine, track, axis, **kw):
+    def _apply(self, fn, x, use_running_average, *, momentum, default_affine, track, axis, batched=True, **kw):
         layer = type(self).__name__
         training = conventions.resolve_training(self.use_running_average, use_running_average, layer)
         use_scale, use_bias = conventions.resolve_affine(self.affine, self.use_scale, self.use_bias, default_affine,
                                                          layer)
-        fshape = _features(x, axis)
+        fshape = _features(x if batched else x[None], axis)  # unbatched: axis counts in the batched layout
         params = self._affine(fshape, use_scale, use_bias)
         stats_vars = self._running(fshape, momentum) if track else {}
         stats = {k: v.value for k, v in stats_vars.items()}
@@ -117,7 +117,8 @@ class _ChannelNorm(_Layer):
                 "use_running_average=True for evaluation."
             )
         y, new = fn(params, stats, conventions.compute_dtype(x, self.dtype), training=training, axis=axis,
-                    momentum=momentum.momentum, eps=self.epsilon, **self._named_axis(), **kw)
+                    momentum=momentum.momentum, eps=self.epsilon, **self._named_axis(),
+                    **({} if batched else {"batched": False}), **kw)
         if training and stats_vars and not self.is_initializing():
             for k, v in stats_vars.items():
                 v.value = new[k]
@@ -166,12 +167,16 @@ class InstanceNorm(_ChannelNorm, _Reductions, _InstanceAxes, _Affine, _Dtypes, _
     track_running_stats: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None,
+                 batched: bool = True) -> Array:
+        """``batched=False``: ``x`` is one example without the batch axis (PyTorch's unbatched input), normalized
+        as the batch ``x[None]`` of one (``axis`` counts in that batched layout)."""
         if not self.track_running_stats and use_running_average is None and self.use_running_average is None:
             use_running_average = False  # without running stats both modes are the same computation
         return self._apply(jaxnorm.instance_norm, x, use_running_average, momentum=self._momentum(),
                            default_affine=False, track=self.track_running_stats,
-                           axis=conventions.instance_axes(self.axis, self.feature_axes, "InstanceNorm"), mask=mask)
+                           axis=conventions.instance_axes(self.axis, self.feature_axes, "InstanceNorm"), mask=mask,
+                           batched=batched)
 
 
 class FrozenBatchNorm(nn.Module):

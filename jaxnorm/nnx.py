@@ -159,8 +159,11 @@ class InstanceNorm(_ChannelNorm):
                          force_float32_reductions=force_float32_reductions, rngs=rngs,
                          scale_metadata=scale_metadata, bias_metadata=bias_metadata)
 
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        return self._call(x, use_running_average, mask=mask)
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None,
+                 batched: bool = True) -> Array:
+        """``batched=False``: ``x`` is one example without the batch axis (PyTorch's unbatched input), normalized
+        as the batch ``x[None]`` of one (``axis`` counts in that batched layout)."""
+        return self._call(x, use_running_average, mask=mask, batched=batched)
 
 
 class LayerNorm(_Flax):

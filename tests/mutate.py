@@ -54,6 +54,7 @@ CORE, FIX, TRANSFORMS = "tests/test_core.py", "tests/test_pytorch_fixtures.py", 
 SHARDING, LOW, VAR_TESTS = "tests/test_sharding.py", "tests/test_low_precision.py", "tests/test_variants.py"
 DROPIN, KERNEL_TESTS = "tests/test_flax_dropin.py", "tests/test_kernels.py"
 COMPARE, COMPARE_TESTS = "jaxnorm/interop/_compare.py", "tests/test_compare.py"
+EDGE = "tests/test_pytorch_edge_cases.py"
 
 MUTATIONS = [
     # ---------------------------------------------------------------- statistics numerics
@@ -124,8 +125,8 @@ MUTATIONS = [
       "jnp.where(ok, 0, 0).astype(", f"{VAR_TESTS}::test_nonfinite_guard_keeps_statistics_and_reports_the_skip"),
     M("instance norm: running var biased", "jaxnorm/_instance_norm.py",
       "unbiased = var * (count / jnp.maximum(count - 1, 1))", "unbiased = var * (count / jnp.maximum(count, 1))", FIX),
-    M("instance norm counts batches", "jaxnorm/_instance_norm.py", "count_batches=False, valid=valid)",
-      "count_batches=True, valid=valid)", FIX),
+    M("instance norm counts batches", "jaxnorm/_instance_norm.py", "count_batches=False, valid=valid,",
+      "count_batches=True, valid=valid,", FIX),
     M("mask: a channel with no value still updates", RUNNING, 'mean = jnp.where(valid[0], mean, batch_stats["mean"])',
       "mean = mean", "tests/test_masked_running.py"),
     M("mask: a single value updates the variance", RUNNING, "valid = (count > 0, count > 1)",
@@ -216,6 +217,23 @@ MUTATIONS = [
       f"{KERNEL_TESTS}::test_layers_with_the_kernel_match_the_xla_path_under_every_transform"),
     # ---------------------------------------------------------------- checks
     M("eps = 0 accepted", "jaxnorm/_checks.py", "if not eps > 0:", "if not eps >= 0:", "tests/test_errors.py"),
+    # ---------------------------------------------------------------- PyTorch's edge cases
+    M("empty batch: the rule divides by n = 0", RULE, "n = max(group_count(x.shape, axes, groups), 1.0)",
+      "n = group_count(x.shape, axes, groups)",
+      f"{TRANSFORMS}::test_zero_size_batch_under_every_transformation[batch_norm/train/2d]"),
+    M("empty batch: not counted", RUNNING, 'return {**batch_stats, **({"count": batch_stats["count"] + 1} if counted',
+      'return {**batch_stats, **({"count": batch_stats["count"] + 0} if counted', EDGE),
+    M("empty batch: a vmap over zero examples not seen", RUNNING,
+      "return x.size == 0 or (axis_name is not None and jax.lax.axis_size(axis_name) == 0)", "return x.size == 0",
+      EDGE),
+    M("unbatched: an example read as a batch passes", "jaxnorm/_instance_norm.py",
+      "if batched and as_batch != want and as_example == want:", "if False:", EDGE),
+    M("unbatched: axis counted in the example's layout", "jaxnorm/_instance_norm.py",
+      "y, new = instance_norm(params, batch_stats, x[None], training=training, axis=axis,",
+      "y, new = instance_norm(params, batch_stats, x[None], training=training, axis=axis + 1,", EDGE),
+    M("bias=False ignored by the init functions", "jaxnorm/_channels.py",
+      'return {"scale": jnp.ones(shape, dtype), **({"bias": jnp.zeros(shape, dtype)} if bias else {})}',
+      'return {"scale": jnp.ones(shape, dtype), **({"bias": jnp.zeros(shape, dtype)} if True else {})}', EDGE),
 ]
 
 # the sample CI runs on every submission: one mutation per area, each killed by its hint in seconds

@@ -92,7 +92,7 @@ def test_state_is_not_mutated_on_error():
         (lambda: jaxnorm.rms_norm({"shift": jnp.ones(4)}, jnp.ones((2, 4)), normalized_shape=4), ValueError,
          r"rms_norm: `params` has keys \['shift'\] but this layer expects \['bias', 'scale'\]"),
         (lambda: jaxnorm.instance_norm({}, {}, jnp.ones((3, 5)), training=True), ValueError,
-         r"rank >= 3.*unbatched \(C, L\) input use x\[None\] or jax.vmap"),
+         r"rank >= 3.*For one unbatched example \(C, L\), pass batched=False"),
         (lambda: jaxnorm.instance_norm({}, {}, jnp.ones((2, 3, 1)), training=True), ValueError,
          r"expected more than 1 spatial element when training"),
         (lambda: jaxnorm.batch_norm_init(0), ValueError, r"`num_features` must be a positive int, got 0"),

@@ -240,3 +240,52 @@ def test_compiled_forward_backward_has_no_full_size_temporary(case, dtype):
     if stats is None:  # pragma: no cover - a backend without memory analysis
         pytest.skip("this backend reports no memory analysis")
     assert stats.temp_size_in_bytes < x.nbytes // 4, (stats.temp_size_in_bytes, x.nbytes)
+
+
+# ------------------------------------------------------------------ zero-size batches
+
+
+def _empty(x):
+    return x[:0]
+
+
+# the modes an empty batch applies to: all but the per-example calls under a named vmap (an empty batch is no call)
+# and the masks with one flag per example (4 of them, which no empty batch broadcasts against)
+EMPTY_MODES = [m for m in REAL_MODES if m.name not in {"batch_norm/train/axis_name", "batch_norm/train/mask"}]
+
+
+def _unchanged(x, p, s):
+    """What every layer does with a zero-size batch, as PyTorch: an empty output, the running statistics as they
+    were (the batch counter, an integer, is held fixed here: tests/test_core.py counts it)."""
+    return jnp.zeros_like(x), s
+
+
+def _check_empty(mode: registry.Mode, context: str) -> None:
+    wrap = CONTEXTS[context]
+    x, p, s = mode.make(jnp.float64)
+    inputs = (_empty(x), p, s)
+    # every transformation for one mode per derivative path, called directly; the first-order ones elsewhere
+    which = ALL if mode in CONTEXT_MODES and context == "direct" else FIRST_ORDER
+    g, floats = _float_function(wrap(mode.call), inputs)
+    g_ref, _ = _float_function(wrap(_unchanged), inputs)
+    got, want = _all_transforms(g, floats, which), _all_transforms(g_ref, floats, which)
+    assert jax.tree.leaves(got["values"])[0].shape == wrap(_unchanged)(*inputs)[0].shape
+    for key in got:
+        for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key]), strict=True):
+            assert a.shape == b.shape, (mode.name, key)
+            np.testing.assert_array_equal(a, b, err_msg=f"{mode.name}: {key} (empty batch, {context})")
+
+
+@pytest.mark.parametrize("mode", EMPTY_MODES, ids=[m.name for m in EMPTY_MODES])
+def test_zero_size_batch_under_every_transformation(mode):
+    """A batch of zero examples: y is empty with x's shape, the running statistics pass through unchanged, every
+    derivative is the one of that map (zeros for the params, the identity for the statistics), all finite."""
+    _check_empty(mode, "direct")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", [c for c in CONTEXTS if c != "direct"])
+@pytest.mark.parametrize("mode", [m for m in CONTEXT_MODES if m in EMPTY_MODES],
+                         ids=[m.name for m in CONTEXT_MODES if m in EMPTY_MODES])
+def test_zero_size_batch_under_vmap_checkpoint_and_scan(mode, context):
+    _check_empty(mode, context)
