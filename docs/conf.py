@@ -13,7 +13,7 @@ project = "jaxnorm"
 author = "the jaxnorm developers"
 copyright = "2026, the jaxnorm developers"
 
-extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.viewcode"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]  # napoleon: Google-style Args/Returns
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build", "figures/report.md"]
 myst_heading_anchors = 3

@@ -26,6 +26,7 @@ TITLES = {
     "two_circles": "Two circles: MLP with and without BatchNorm",
     "bad_init": "Bad initialisation: deep regression net with and without BatchNorm",
     "lenet": "LeNet with and without BatchNorm",
+    "batch_renorm": "Batch renormalization: non-i.i.d. and micro-batches",
 }
 
 

@@ -36,11 +36,13 @@ class Momentum:
     keeps_count: bool
 
 
-def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, layer: str) -> Momentum:
-    """``torch_momentum`` (PyTorch's whole update rule) or ``flax_momentum`` (Flax's), never both."""
+def resolve_momentum(torch_momentum: float | None, flax_momentum: float | None, layer: str,
+                     torch_default: float = _TORCH_DEFAULT) -> Momentum:
+    """``torch_momentum`` (PyTorch's whole update rule) or ``flax_momentum`` (Flax's), never both (a
+    ``torch_momentum`` left at the layer's ``torch_default`` is not given)."""
     if flax_momentum is None:
         return Momentum(torch_momentum, unbiased=True, keeps_count=True)
-    if torch_momentum != _TORCH_DEFAULT:
+    if torch_momentum != torch_default:
         raise ValueError(
             f"{layer}: give either `torch_momentum` (weight of the new batch) or `flax_momentum` (decay of the old "
             f"average), not both; got torch_momentum={torch_momentum!r}, flax_momentum={flax_momentum!r}."

@@ -32,7 +32,7 @@ from jaxnorm._checks import (
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import empty_batch, running_arrays, update_running
-from jaxnorm._statistics import stats_dtype
+from jaxnorm._statistics import stats_dtype, unbiased_variance
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -85,7 +85,8 @@ def instance_norm(
         _LAYER,
         min_ndim=3 if batched else 2,
         what=f"rank >= {3 if batched else 2}, {layout}: each (example, channel) normalized over its spatial values"
-             + (". For one unbatched example (C, L), pass batched=False" if batched else ""),
+             + ("; a rank-2 (N, C) batch has one value per (example, channel). For one unbatched example (C, L), "
+                "pass batched=False" if batched else ""),
         complex_ok=True,
     )
     if not batched:
@@ -136,7 +137,7 @@ def _batch_average(mean, var, count, feats, batch_axis_name):
     per_channel = tuple(i for i in range(mean.ndim) if i not in feats)
     count = jnp.broadcast_to(count, mean.shape)
     has_mean, has_var = (count > 0).astype(var.dtype), (count > 1).astype(var.dtype)
-    unbiased = var * (count / jnp.maximum(count - 1, 1))
+    unbiased = unbiased_variance(var, count)
     sums = [jnp.sum(t, per_channel) for t in (mean * has_mean, has_mean, unbiased * has_var, has_var)]
     if batch_axis_name is not None:
         sums = jax.lax.psum(sums, batch_axis_name)

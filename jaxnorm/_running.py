@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._statistics import in_stats_dtype, real_dtype, stats_dtype
+from jaxnorm._statistics import in_stats_dtype, real_dtype, stats_dtype, unbiased_variance
 
 Array = jax.Array
 
@@ -97,7 +97,7 @@ def update_running(
         factor = jnp.asarray(momentum, var_dtype)
     if unbiased:
         assert count is not None, "the unbiased update needs the batch's element count"
-        batch_var = batch_var * (count / jnp.maximum(count - 1, 1))
+        batch_var = unbiased_variance(batch_var, count)
     mean = (1 - factor) * batch_stats["mean"] + factor * batch_mean
     var = (1 - factor) * batch_stats["var"] + factor * batch_var.astype(var_dtype)
     if valid is not None:

@@ -91,6 +91,12 @@ def group_combine(s: Array, groups: tuple[int, int] | None) -> Array:
     return jnp.repeat(s, c // g, axis=ax)
 
 
+def unbiased_variance(var: Array, count: Array) -> Array:
+    """The unbiased variance ``var * n / (n - 1)`` from the biased one and the count (``var`` itself for one
+    value, which has no spread)."""
+    return var * (count / jnp.maximum(count - 1, 1))
+
+
 def variance(m2: Array, count: Array) -> Array:
     """The biased variance ``M2 / n`` (0 where nothing was counted), never below 0."""
     var = m2 / jnp.maximum(count, 1)

@@ -78,15 +78,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
     running_var_unbiased: bool = eqx.field(static=True)
     input_size: int = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
+    _fn: ClassVar[Callable[..., Any]] = staticmethod(jaxnorm.batch_norm)
+    _torch_default: ClassVar[float] = 0.1  # torch_momentum's default (given with flax_momentum: an error)
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
                  channelwise_affine: bool = True, *, use_bias: bool = True, torch_momentum: float | None = 0.1,
                  flax_momentum: float | None = None, inference: bool = False, dtype: Any = None,
                  momentum: Any = _UNSET, mode: str | None = None):
-        no_plain_momentum(momentum, "BatchNorm", _UNSET)
+        layer = type(self).__name__
+        no_plain_momentum(momentum, layer, _UNSET)
         if mode not in (None, "batch"):
             raise ValueError(
-                f"BatchNorm: `mode`={mode!r} is not supported: jaxnorm's BatchNorm always normalizes a training "
+                f"{layer}: `mode`={mode!r} is not supported: jaxnorm's {layer} always normalizes a training "
                 "batch with its own statistics and inference with the running ones (equinox's mode='batch', "
                 "PyTorch's semantics). Drop `mode` or pass mode='batch'."
             )
@@ -97,7 +100,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = inference
         self.axis_name = axis_name
         self.eps = eps
-        momentum = resolve_momentum(torch_momentum, flax_momentum, "BatchNorm")
+        momentum = resolve_momentum(torch_momentum, flax_momentum, layer, self._torch_default)
         self.momentum, self.running_var_unbiased = momentum.momentum, momentum.unbiased
         self.input_size, self.channelwise_affine = input_size, channelwise_affine
 
@@ -105,11 +108,40 @@ class BatchNorm(eqx.nn.StatefulLayer):
                  inference: bool | None = None) -> tuple[Array, eqx.nn.State]:
         inference = self.inference if inference is None else inference
         training = not bool(inference)
-        y, new = jaxnorm.batch_norm(_params(self), state.get(self.state_index), x[None], training=training,
-                                    axis=1, momentum=self.momentum, eps=self.eps,
-                                    axis_name=self.axis_name if training else None,
-                                    running_var_unbiased=self.running_var_unbiased)
-        return y[0], (_set_state(state, self.state_index, new, "BatchNorm") if training else state)
+        y, new = self._fn(_params(self), state.get(self.state_index), x[None], training=training, axis=1,
+                          momentum=self.momentum, eps=self.eps, axis_name=self.axis_name if training else None,
+                          running_var_unbiased=self.running_var_unbiased, **self._keywords())
+        return y[0], (_set_state(state, self.state_index, new, type(self).__name__) if training else state)
+
+    def _keywords(self) -> dict[str, Any]:
+        return {}
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) with the paper's schedule: BatchNorm's keywords plus ``r_max``,
+    ``d_max``, ``warmup_steps``, ``relax_steps`` and ``batch_var_unbiased`` (as ``jaxnorm.linen.BatchRenorm``).
+    The step is the state's ``count``, so a saved ``eqx.nn.State`` resumes the schedule. ``torch_momentum``
+    defaults to the paper's 0.01."""
+
+    r_max: float = eqx.field(static=True)
+    d_max: float = eqx.field(static=True)
+    warmup_steps: int = eqx.field(static=True)
+    relax_steps: int = eqx.field(static=True)
+    batch_var_unbiased: bool = eqx.field(static=True)
+    _fn: ClassVar[Callable[..., Any]] = staticmethod(jaxnorm.batch_renorm)
+    _torch_default: ClassVar[float] = 0.01
+
+    def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
+                 channelwise_affine: bool = True, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5_000,
+                 relax_steps: int = 40_000, batch_var_unbiased: bool = False, torch_momentum: float | None = 0.01,
+                 **keywords: Any):
+        super().__init__(input_size, axis_name, eps, channelwise_affine, torch_momentum=torch_momentum, **keywords)
+        self.r_max, self.d_max, self.batch_var_unbiased = r_max, d_max, batch_var_unbiased
+        self.warmup_steps, self.relax_steps = warmup_steps, relax_steps
+
+    def _keywords(self) -> dict[str, Any]:
+        return {"r_max": self.r_max, "d_max": self.d_max, "warmup_steps": self.warmup_steps,
+                "relax_steps": self.relax_steps, "batch_var_unbiased": self.batch_var_unbiased}
 
 
 class InstanceNorm(eqx.nn.StatefulLayer):
@@ -230,4 +262,4 @@ class GroupNorm(eqx.Module):
         return _with_state(y, state)
 
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]

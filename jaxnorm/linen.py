@@ -89,17 +89,21 @@ class _ChannelNorm(_Layer):
     affine: bool | None = None
     nonfinite_guard: bool = False
 
+    counts_steps = False  # a class attribute, not a field: BatchRenorm's schedule reads the step from `count`
+
     def _running(self, fshape: tuple[int, ...], momentum: conventions.Momentum) -> dict[str, Any]:
         # `count` (PyTorch's num_batches_tracked) is made with PyTorch's momentum, and is optional in the variables
         # given: flax.linen.BatchNorm's saved batch_stats (mean, var) load and train unchanged
-        count = momentum.keeps_count if self.is_initializing() else self.has_variable("batch_stats", "count")
+        count = momentum.keeps_count or self.counts_steps
+        count = count if self.is_initializing() else self.has_variable("batch_stats", "count")
         fresh = conventions.running_state(fshape, param_dtype=self.param_dtype, count=count,
                                           nonfinite_guard=self.nonfinite_guard,
                                           force_float32_reductions=self.force_float32_reductions)
         return {k: self.variable("batch_stats", k, lambda v=v: v) for k, v in fresh.items()}
 
     def _momentum(self) -> conventions.Momentum:
-        return conventions.resolve_momentum(self.torch_momentum, self.flax_momentum, type(self).__name__)
+        default = type(self).__dataclass_fields__["torch_momentum"].default  # this layer's PyTorch-style default
+        return conventions.resolve_momentum(self.torch_momentum, self.flax_momentum, type(self).__name__, default)
 
     def _apply(self, fn, x, use_running_average, *, momentum, default_affine, track, axis, batched=True, **kw):
         layer = type(self).__name__
@@ -131,6 +135,10 @@ class _BatchNormHead(nn.Module):
     momentum: Any = None  # Flax's third field; here always an error (see __post_init__)
     epsilon: float = 1e-5
 
+    def __post_init__(self):
+        conventions.no_plain_momentum(self.momentum, type(self).__name__)
+        super().__post_init__()
+
 
 class BatchNorm(_ChannelNorm, _Reductions, _Affine, _Dtypes, _BatchNormHead):
     """torch.nn.BatchNorm{1,2,3}d / flax.linen.BatchNorm, channels-last by default, in Flax's positional order.
@@ -142,16 +150,41 @@ class BatchNorm(_ChannelNorm, _Reductions, _Affine, _Dtypes, _BatchNormHead):
     track_running_stats: bool = True
     virtual_batch_size: int | None = None
 
-    def __post_init__(self):
-        conventions.no_plain_momentum(self.momentum, "BatchNorm")
-        super().__post_init__()
-
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         momentum = self._momentum()
         return self._apply(jaxnorm.batch_norm, x, use_running_average, momentum=momentum, default_affine=True,
                            track=self.track_running_stats, axis=self.axis, mask=mask,
                            running_var_unbiased=momentum.unbiased, virtual_batch_size=self.virtual_batch_size)
+
+
+class BatchRenorm(_ChannelNorm, _Reductions, _Affine, _Dtypes, _BatchNormHead):
+    """Batch renormalization (Ioffe, 2017) with the paper's schedule, in BatchNorm's positional order.
+
+    ``y = (x_hat * r + d) * scale + bias`` with ``r`` and ``d`` clipped to bounds that follow the schedule: plain
+    batch norm for ``warmup_steps`` training batches, then the bounds relaxed linearly from 1 and 0 to ``r_max``
+    and ``d_max`` over ``relax_steps`` (``relax_steps=0``: at once, as sbx-rl's BatchRenorm). The step is
+    ``batch_stats["count"]``, made with either momentum convention, so a checkpoint resumes the schedule; the
+    running statistics, masks and ``axis_name`` are BatchNorm's (``jaxnorm.batch_renorm``). Momentum:
+    ``torch_momentum`` (default 0.01, the paper's alpha) or ``flax_momentum`` (sbx-rl's ``momentum=0.99``).
+    ``batch_var_unbiased=True`` normalizes with the unbiased batch variance, as sb3-contrib's BatchRenorm1d.
+    """
+
+    torch_momentum: float | None = 0.01
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 5_000
+    relax_steps: int = 40_000
+    batch_var_unbiased: bool = False
+    counts_steps = True
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        momentum = self._momentum()
+        return self._apply(jaxnorm.batch_renorm, x, use_running_average, momentum=momentum, default_affine=True,
+                           track=True, axis=self.axis, mask=mask, running_var_unbiased=momentum.unbiased,
+                           r_max=self.r_max, d_max=self.d_max, warmup_steps=self.warmup_steps,
+                           relax_steps=self.relax_steps, batch_var_unbiased=self.batch_var_unbiased)
 
 
 class _InstanceAxes(nn.Module):
@@ -299,5 +332,5 @@ class LocalResponseNorm(nn.Module):
 
 from jaxnorm._linen_weight_norms import SpectralNorm, WeightNorm  # noqa: E402  (they wrap any linen layer)
 
-__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",
-           "SpectralNorm", "WeightNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "FrozenBatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm",
+           "RMSNorm", "SpectralNorm", "WeightNorm"]

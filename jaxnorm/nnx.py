@@ -67,7 +67,9 @@ class _Flax(nnx.Module):
 
 
 class _ChannelNorm(_Flax):
-    _fn: Any = None
+    _fn: ClassVar[Callable[..., Any]]  # the functional layer
+    _torch_default: ClassVar[float] = 0.1  # the layer's torch_momentum default (given with flax_momentum: an error)
+    _counts_steps: ClassVar[bool] = False  # a `count` with either momentum (BatchRenorm's schedule reads it)
 
     def __init__(self, num_features, *, use_running_average, axis, torch_momentum, flax_momentum, epsilon, affine,
                  use_scale, use_bias, default_affine, track_running_stats, dtype, param_dtype, scale_init,
@@ -79,10 +81,10 @@ class _ChannelNorm(_Flax):
         self._declare(shape, use_scale, use_bias, param_dtype=param_dtype, scale_init=scale_init,
                       bias_init=bias_init, rngs=rngs, scale_metadata=scale_metadata, bias_metadata=bias_metadata,
                       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups)
-        momentum = conventions.resolve_momentum(torch_momentum, flax_momentum, layer)
+        momentum = conventions.resolve_momentum(torch_momentum, flax_momentum, layer, self._torch_default)
         stats = {} if not track_running_stats else conventions.running_state(
             shape, param_dtype=param_dtype, force_float32_reductions=force_float32_reductions,
-            count=momentum.keeps_count, nonfinite_guard=nonfinite_guard)
+            count=momentum.keeps_count or self._counts_steps, nonfinite_guard=nonfinite_guard)
         self.tracked = bool(stats)
         self._stat_keys = tuple(stats)
         for k in ("mean", "var", "count", "skipped"):
@@ -107,7 +109,7 @@ class _ChannelNorm(_Flax):
 class BatchNorm(_ChannelNorm):
     """torch.nn.BatchNorm{1,2,3}d / flax.nnx.BatchNorm; ``affine`` (PyTorch) or ``use_scale``/``use_bias``."""
 
-    _fn = staticmethod(jaxnorm.batch_norm)
+    _fn: ClassVar[Callable[..., Any]] = staticmethod(jaxnorm.batch_norm)
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis: Axes = -1,
                  torch_momentum: float | None = 0.1, flax_momentum: float | None = None, epsilon: float = 1e-5,
@@ -132,6 +134,32 @@ class BatchNorm(_ChannelNorm):
         for observe in _OBSERVERS:
             observe(self, x, mask)
         return self._call(x, use_running_average, mask=mask, running_var_unbiased=self.running_var_unbiased)
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) with the paper's schedule: BatchNorm's keywords plus ``r_max``,
+    ``d_max``, ``warmup_steps``, ``relax_steps`` and ``batch_var_unbiased`` (as ``jaxnorm.linen.BatchRenorm``);
+    the step is the ``count`` BatchStat, made with either momentum convention. ``torch_momentum`` defaults to the
+    paper's 0.01."""
+
+    _fn = staticmethod(jaxnorm.batch_renorm)
+    _torch_default = 0.01
+    _counts_steps = True
+
+    def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5_000,
+                 relax_steps: int = 40_000, batch_var_unbiased: bool = False, torch_momentum: float | None = 0.01,
+                 **keywords: Any):
+        if "track_running_stats" in keywords:
+            raise TypeError("BatchRenorm: `track_running_stats` is always True (renorm corrects the batch "
+                            "statistics with the running ones); drop it.")
+        super().__init__(num_features, torch_momentum=torch_momentum, **keywords)
+        self.r_max, self.d_max, self.batch_var_unbiased = r_max, d_max, batch_var_unbiased
+        self.warmup_steps, self.relax_steps = warmup_steps, relax_steps
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        return self._call(x, use_running_average, mask=mask, running_var_unbiased=self.running_var_unbiased,
+                          r_max=self.r_max, d_max=self.d_max, warmup_steps=self.warmup_steps,
+                          relax_steps=self.relax_steps, batch_var_unbiased=self.batch_var_unbiased)
 
 
 class InstanceNorm(_ChannelNorm):
@@ -273,5 +301,5 @@ class LocalResponseNorm(nnx.Module):
 
 from jaxnorm._nnx_weight_norms import SpectralNorm, WeightNorm  # noqa: E402  (they wrap any NNX layer)
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm", "SpectralNorm",
-           "WeightNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "LocalResponseNorm", "RMSNorm",
+           "SpectralNorm", "WeightNorm"]

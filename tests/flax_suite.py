@@ -22,18 +22,16 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import unittest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CACHE = pathlib.Path(os.environ.get("JAXNORM_FLAX_SDIST", ROOT / ".cache" / "flax-sdist"))
+sys.path.insert(0, str(ROOT))  # run as a script too (python tests/flax_suite.py)
+from tests import sdists  # noqa: E402
+
 FILES = {"linen": "tests/linen/linen_test.py", "nnx": "tests/nnx/nn/normalization_test.py"}
 # linen alone: linen's own tests; NNX alone and both: the NNX-vs-linen test, one side jaxnorm, then both sides
 SUITES = {"linen": [("linen", "NormalizationTest")], "nnx": [("nnx", "TestLinenConsistency")],
@@ -42,34 +40,9 @@ LINEN = ("BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "Spec
 NNX = LINEN
 
 
-class Unavailable(RuntimeError):
-    """The sdist could not be fetched (no network, no such release)."""
-
-
-def flax_tests(version: str | None = None, cache: pathlib.Path = CACHE) -> pathlib.Path:
+def flax_tests(version: str | None = None, cache: pathlib.Path = sdists.CACHE) -> pathlib.Path:
     """The folder holding Flax's test files for ``version`` (default: the installed flax), fetched once."""
-    version = version or importlib.metadata.version("flax")
-    folder = cache / f"flax-{version}"
-    if all((folder / f).is_file() for f in FILES.values()):
-        return folder
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"flax=={version}", "-d", tmp, "-q"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired as err:
-            raise Unavailable(f"pip download of flax=={version}'s sdist timed out") from err
-        archives = list(pathlib.Path(tmp).glob("flax-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise Unavailable(f"pip could not download flax=={version}'s sdist: "
-                              f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-        with tarfile.open(archives[0]) as tar:
-            for f in FILES.values():
-                member = tar.getmember(f"flax-{version}/{f}")
-                target = folder / f
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
-    return folder
+    return sdists.fetch("flax", version or importlib.metadata.version("flax"), list(FILES.values()), cache)
 
 
 # Flax's defaults where jaxnorm keeps PyTorch's (docs/guides/flax.md, "differences by design")
@@ -209,7 +182,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         folder = args.flax_tests or flax_tests()
-    except Unavailable as err:
+    except sdists.Unavailable as err:
         print(f"unavailable: {err}", file=sys.stderr)
         return 3
     outcomes = run(args.swap, folder)

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def flax_tests() -> pathlib.Path:
     try:
         return flax_suite.flax_tests()
-    except flax_suite.Unavailable as err:
+    except flax_suite.sdists.Unavailable as err:
         pytest.skip(f"Flax's tests are fetched from its sdist on PyPI, which is out of reach here: {err}")
 
 

@@ -96,6 +96,124 @@ def test_batch_renorm_schedule_is_traced_without_recompiling():
         jaxnorm.batch_renorm(params, stats, x, training=True, r_max=0.5)
 
 
+def test_batch_renorm_schedule_warm_up_then_linear_relaxation():
+    """(r_max, d_max) per step: (1, 0) before warmup_steps, then linear to the final bounds over relax_steps; a
+    training step at step t equals batch_renorm with those bounds given directly."""
+    from jaxnorm._variants import renorm_bounds
+
+    want = {0: (1.0, 0.0), 2: (1.0, 0.0), 3: (1.0, 0.0), 4: (1.5, 1.25), 5: (2.0, 2.5), 7: (3.0, 5.0), 50: (3.0, 5.0)}
+    for t, (r, d) in want.items():
+        chex.assert_trees_all_close(renorm_bounds(jnp.asarray(t), 3.0, 5.0, 3, 4), (r, d))
+    assert renorm_bounds(jnp.asarray(2), 3.0, 5.0, 3, 0) == (1.0, 0.0)  # a hard switch at warmup_steps
+    assert renorm_bounds(jnp.asarray(3), 3.0, 5.0, 3, 0) == (3.0, 5.0)
+    params, stats = _state()
+    x = jnp.asarray(RNG.normal(size=(8, 3)) * 3 + 1)
+    for t, (r, d) in want.items():
+        s = {**stats, "count": jnp.asarray(t, jnp.int32)}
+        got = jaxnorm.batch_renorm(params, s, x, training=True, warmup_steps=3, relax_steps=4)
+        chex.assert_trees_all_close(got, jaxnorm.batch_renorm(params, s, x, training=True, r_max=r, d_max=d),
+                                    rtol=1e-12)
+    with pytest.raises(ValueError, match="`warmup_steps` must be an int >= 0, got -1"):
+        jaxnorm.batch_renorm(params, stats, x, training=True, warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"reads the step from `batch_stats\['count'\]`"):
+        jaxnorm.batch_renorm(params, {k: stats[k] for k in ("mean", "var")}, x, training=True, warmup_steps=2)
+
+
+def _renorm_layers(c, **kw):
+    """The three wrappers with the same keywords, each as ``step(x) -> y`` over its own running state."""
+    import equinox as eqx
+
+    from jaxnorm import equinox as je
+
+    linen = jl.BatchRenorm(use_running_average=False, **kw)
+    variables = {"batch_stats": linen.init(jax.random.key(0), jnp.zeros((2, c)))["batch_stats"],
+                 "params": {"scale": jnp.ones(c), "bias": jnp.zeros(c)}}
+    linen_step = jax.jit(lambda v, x: linen.apply(v, x, mutable=["batch_stats"]))
+    nnx_layer = jn.BatchRenorm(c, **kw)
+    eqx_layer, eqx_state = eqx.nn.make_with_state(je.BatchRenorm)(c, "batch", dtype=jnp.float32, **{
+        ("eps" if k == "epsilon" else k): v for k, v in kw.items()})
+    eqx_step = jax.jit(jax.vmap(eqx_layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)))
+    holders = {"linen": variables, "equinox": eqx_state}
+
+    def linen_call(x):
+        y, new = linen_step(holders["linen"], x)
+        holders["linen"] = {**holders["linen"], **new}
+        return y, holders["linen"]["batch_stats"]
+
+    def eqx_call(x):
+        y, holders["equinox"] = eqx_step(x, holders["equinox"])
+        return y, holders["equinox"].get(eqx_layer.state_index)
+
+    def nnx_call(x):
+        return nnx_layer(x), {k: getattr(nnx_layer, k)[...] for k in ("mean", "var", "count")}
+
+    return {"linen": linen_call, "nnx": nnx_call, "equinox": eqx_call}
+
+
+@pytest.mark.parametrize("momentum", [{"torch_momentum": 0.1}, {"flax_momentum": 0.9}], ids=["torch", "flax"])
+def test_batch_renorm_layers_follow_the_functional_schedule_in_every_framework(momentum):
+    """linen, NNX and Equinox over 6 training steps crossing the warm-up and the relaxation: the functional core
+    with the same arguments, the count (the step) in each running state."""
+    pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra")
+    c, kw = 3, dict(warmup_steps=2, relax_steps=2, r_max=2.0, d_max=1.0, epsilon=1e-3, **momentum)
+    layers = _renorm_layers(c, **kw)
+    flax_convention = "flax_momentum" in momentum
+    stats = jaxnorm.batch_norm_init(c)[1]
+    params = {"scale": jnp.ones(c), "bias": jnp.zeros(c)}
+    fn = jax.jit(lambda s, x: jaxnorm.batch_renorm(
+        params, s, x, training=True, warmup_steps=2, relax_steps=2, r_max=2.0, d_max=1.0, eps=1e-3,
+        momentum=0.1 if not flax_convention else 1 - 0.9, running_var_unbiased=not flax_convention))
+    for t in range(6):
+        x = jnp.asarray(np.random.default_rng(t).normal(size=(16, c)) * (1 + t) + t, jnp.float32)
+        y, stats = fn(stats, x)
+        for name, call in layers.items():
+            got_y, got_stats = call(x)
+            chex.assert_trees_all_close((got_y, got_stats), (y, stats), rtol=1e-5, atol=1e-6, custom_message=name)
+    assert int(stats["count"]) == 6
+
+
+def test_batch_renorm_layer_resumes_its_schedule_from_a_checkpoint_and_never_recompiles():
+    """The step lives in batch_stats: three steps, a save and a restore (flax.serialization), three more, equal the
+    six uninterrupted; one trace for all of them."""
+    from flax import serialization
+
+    layer = jl.BatchRenorm(use_running_average=False, warmup_steps=2, relax_steps=3)
+    xs = jnp.asarray(RNG.normal(size=(6, 8, 3)) * 2, jnp.float32)
+    variables = layer.init(jax.random.key(0), xs[0])
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(v, x):
+        y, new = layer.apply(v, x, mutable=["batch_stats"])
+        return y, {**v, **new}
+
+    v, ys = variables, []
+    for x in xs:
+        y, v = step(v, x)
+        ys.append(y)
+    resumed = variables
+    for x in xs[:3]:
+        _, resumed = step(resumed, x)
+    resumed = serialization.from_bytes(variables, serialization.to_bytes(resumed))
+    for i, x in enumerate(xs[3:]):
+        y, resumed = step(resumed, x)
+        chex.assert_trees_all_close(y, ys[3 + i], rtol=1e-6)
+    chex.assert_trees_all_close(resumed, v, rtol=1e-6)
+
+
+def test_batch_renorm_layers_refuse_what_they_cannot_do():
+    with pytest.raises(TypeError, match="`momentum`=0.99 is ambiguous"):
+        jl.BatchRenorm(momentum=0.99)
+    with pytest.raises(ValueError, match="not both"):
+        jl.BatchRenorm(use_running_average=False, torch_momentum=0.1, flax_momentum=0.99).init(
+            jax.random.key(0), jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="`track_running_stats` is always True"):
+        jn.BatchRenorm(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="`relax_steps` must be an int >= 0"):
+        jl.BatchRenorm(use_running_average=False, relax_steps=1.5).init(jax.random.key(0), jnp.ones((2, 3)))
+
+
 # ------------------------------------------------------------------ frozen batch norm
 
 
