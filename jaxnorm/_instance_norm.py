@@ -89,16 +89,12 @@ def instance_norm(
                 "pass batched=False" if batched else ""),
         complex_ok=True,
     )
-    if not batched:
-        _check_batch_layout(params, batch_stats, x, axis, batched)
-        y, new = instance_norm(params, batch_stats, x[None], training=training, axis=axis, momentum=momentum,
-                               eps=eps, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-                               batch_axis_name=batch_axis_name)
-        return y[0], new
+    _check_batch_layout(params, batch_stats, x, axis, batched)
+    if not batched:  # one example: the batch of one, returned without its batch axis
+        x = x[None]
     feats, fshape, mask = feature_layout(x, axis, mask, _LAYER)
     if 0 in feats:
         raise ValueError(f"{_LAYER}: `axis`={axis} points at the batch axis 0; the channel axis must be another one.")
-    _check_batch_layout(params, batch_stats, x, axis, batched)
     check_channel_state(params, batch_stats, fshape, _LAYER, "instance_norm_init")
     eps = check_eps(eps, _LAYER)
     momentum = check_momentum(momentum, _LAYER)
@@ -118,15 +114,13 @@ def instance_norm(
         mean, var = running_arrays(batch_stats, stats_dtype(x.dtype), bshape)
         y = normalize(x, mean, var, eps, scale, bias)
 
-    if training and batch_stats:
-        if momentum is None:  # PyTorch passes momentum 0.0 here: statistics stay put
-            return y, batch_stats
+    # with momentum=None PyTorch passes momentum 0.0 here: the statistics stay put
+    if training and batch_stats and momentum is not None:
         inst_mean, inst_var, valid = _batch_average(mean, var, count, feats, batch_axis_name)
         # PyTorch's InstanceNorm never counts batches
-        new_stats = update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False,
-                                   count_batches=False, valid=valid, empty=empty_batch(x, batch_axis_name))
-        return y, new_stats
-    return y, batch_stats
+        batch_stats = update_running(batch_stats, inst_mean, inst_var, None, momentum, unbiased=False,
+                                     count_batches=False, valid=valid, empty=empty_batch(x, batch_axis_name))
+    return (y if batched else y[0]), batch_stats
 
 
 def _batch_average(mean, var, count, feats, batch_axis_name):
