@@ -120,15 +120,28 @@ def test_the_wrappers_count_an_empty_batch():
                                 {**OLD, "count": jnp.asarray(1, jnp.int32)})
 
 
-def test_equinox_counts_a_vmap_over_zero_examples():
+def test_every_equinox_layer_takes_a_vmap_over_zero_examples():
+    """An empty output, zero gradients for every parameter, the state kept; BatchNorm and BatchRenorm count the
+    batch (the vmap's axis has size 0), InstanceNorm does not."""
     eqx = pytest.importorskip("equinox", reason="jaxnorm.equinox needs the optional extra")
     from jaxnorm import equinox as je
 
-    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, axis_name="batch")
-    y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(_x(0, C, 4), state)
-    assert y.shape == (0, C, 4)
-    chex.assert_trees_all_equal(state.get(bn.state_index), jaxnorm.batch_norm_init(C)[1] | {
-        "count": jnp.asarray(1, jnp.int32)})
+    x = _x(0, C, 4)
+    batch = dict(axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    stateful = {"BatchNorm": (je.BatchNorm, 1), "BatchRenorm": (je.BatchRenorm, 1),
+                "InstanceNorm": (lambda c, name: je.InstanceNorm(c, name, track_running_stats=True), 0)}
+    for name, (cls, added) in stateful.items():
+        layer, state = eqx.nn.make_with_state(cls)(C, "batch")
+        y, new = jax.vmap(layer, **batch)(x, state)
+        assert y.shape == x.shape, name
+        old = state.get(layer.state_index)
+        chex.assert_trees_all_equal(new.get(layer.state_index), {**old, "count": old["count"] + added})
+    stateless = {"LayerNorm": je.LayerNorm((C, 4)), "RMSNorm": je.RMSNorm(4), "GroupNorm": je.GroupNorm(1, C),
+                 "InstanceNorm": je.InstanceNorm(C, channelwise_affine=True)}
+    for name, layer in stateless.items():
+        assert jax.vmap(layer)(x).shape == x.shape, name
+        grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(x)))(layer)
+        chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, grads))
 
 
 # ------------------------------------------------------------------ unbatched instance norm

@@ -267,6 +267,19 @@ def test_fold_equals_layer_then_eval_batch_norm(kind):
     np.testing.assert_allclose(layer(k0, b0), ref0, rtol=1e-5, atol=1e-4)
 
 
+def test_fold_keeps_eps_where_the_variance_is_of_its_order():
+    """Running variances near eps (a channel that barely varies) and a non-default eps, in float64: the folded layer
+    equals layer + eval BatchNorm to 1e-12, so eps must sit inside the square root exactly as in batch norm
+    (``gamma * rsqrt(var)`` would be off by a factor of up to sqrt(1 + eps / var), here ~10)."""
+    params, stats = _state(3, jnp.float64)
+    stats = {**stats, "var": jnp.asarray([1e-5, 1e-4, 2.0])}
+    x = jnp.asarray(RNG.normal(size=(6, 4)))
+    kernel, bias = jnp.asarray(RNG.normal(size=(4, 3))), jnp.asarray(RNG.normal(size=3))
+    ref, _ = jaxnorm.batch_norm(params, stats, _add_bias(x @ kernel, bias), training=False, axis=-1, eps=1e-3)
+    new_k, new_b = jaxnorm.fold(kernel, bias, params, stats, eps=1e-3)
+    np.testing.assert_allclose(_add_bias(x @ new_k, new_b), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_folded_lenet_gives_the_same_eval_logits():
     data = lenet.load_digits_28()
     x, y = jnp.asarray(data[0][:64]), jnp.asarray(data[1][:64])
