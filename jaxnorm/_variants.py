@@ -30,14 +30,18 @@ from jaxnorm._tree import get_path, set_path, walk
 Array = jax.Array
 
 
-def _prepare(params, batch_stats, x, axis, layer, *, need_stats=True):
+def _prepare(params, batch_stats, x, axis, layer):
     x = check_input(x, layer, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
     ax = canonical_axis(axis, x.ndim, layer)
     c = x.shape[ax]
     check_channel_state(params, batch_stats, c, layer, "batch_norm_init")
-    if need_stats and not batch_stats:
-        raise ValueError(f"{layer}: needs running statistics; create them with jaxnorm.batch_norm_init({c}).")
+    _needs_running(batch_stats, c, layer)
     return x, ax, c, channel_shape(x.ndim, ax, c)
+
+
+def _needs_running(batch_stats, size, layer):
+    if not batch_stats:
+        raise ValueError(f"{layer}: needs running statistics; create them with jaxnorm.batch_norm_init({size}).")
 
 
 def batch_renorm(
@@ -96,9 +100,7 @@ def batch_renorm(
     x = check_input(x, layer, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`")
     feats, fshape, mask = feature_layout(x, axis, mask, layer)
     check_channel_state(params, batch_stats, fshape, layer, "batch_norm_init")
-    size = fshape[0] if len(fshape) == 1 else fshape
-    if not batch_stats:
-        raise ValueError(f"{layer}: needs running statistics; create them with jaxnorm.batch_norm_init({size}).")
+    _needs_running(batch_stats, fshape[0] if len(fshape) == 1 else fshape, layer)
     eps = check_eps(eps, layer)
     momentum = check_momentum(momentum, layer)
     check_cumulative(momentum, batch_stats, training, layer)
