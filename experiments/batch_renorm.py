@@ -1,12 +1,12 @@
 """batch_renorm: BatchNorm's failure with non-i.i.d. and micro-batches, and batch renormalization's fix.
 
 Command: ``python -m experiments batch_renorm [--epochs STEPS] [--seed 0] [--out results]``.
-Runtime: about 35 s on a 2-core CPU (eight runs of 2000 steps, three seeds each side by side under
+Runtime: about 20 s on a 2-core CPU (eight runs of 2000 steps, three seeds each side by side under
 ``jax.vmap``, each a compiled ``lax.scan``).
 Data: scikit-learn's digits (8x8, 10 classes, embedded), standardized; 70/30 split (random_state=0).
 Model: 64 -> 128 -> 128 -> 10, ReLU, a norm after each hidden Dense (flax.linen with jaxnorm's layers), SGD with
 momentum 0.9, learning rate 0.05.
-Settings, as in Ioffe (2017), section 4.3 and 4.2:
+Settings, the two failures Ioffe (2017) made batch renormalization for:
 
 - i.i.d. batches of 32 (the reference);
 - non-i.i.d. batches of 32: each batch holds 16 examples of each of two random classes;

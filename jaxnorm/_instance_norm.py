@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxnorm._channels import channel_init, check_channel_state, feature_layout
 from jaxnorm._checks import (
     broadcast_shape,
+    canonical_axes,
     check_eps,
     check_flag,
     check_input,
@@ -149,10 +150,10 @@ def _check_batch_layout(params: Any, batch_stats: Any, x: Array, axis: Any, batc
     want = tuple(state[0].shape)
 
     def features(shape):  # the feature shape of an input of this shape, None where `axis` does not fit it
-        axes = (axis,) if isinstance(axis, int) else tuple(axis)
-        if not all(isinstance(a, int) and -len(shape) <= a < len(shape) for a in axes):
+        try:
+            return tuple(shape[a] for a in canonical_axes(axis, len(shape), _LAYER, name="axis"))
+        except (TypeError, ValueError):
             return None
-        return tuple(shape[a % len(shape)] for a in sorted({a % len(shape) for a in axes}))
 
     as_batch, as_example = features(x.shape), features((1, *x.shape))
     if batched and as_batch != want and as_example == want:
