@@ -10,7 +10,6 @@ State (dicts, ready for Flax's "params" / "batch_stats" collections)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -23,7 +22,7 @@ from jaxnorm._derivative import normalize_batch
 from jaxnorm._moments import moments
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import empty_batch, running_arrays, update_running
-from jaxnorm._statistics import stats_dtype
+from jaxnorm._statistics import group_count, stats_dtype
 
 Array = jax.Array
 _LAYER = "batch_norm"
@@ -34,14 +33,21 @@ def batch_norm_init(num_features: int, *, affine: bool = True, track_running_sta
                     ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Fresh ``(params, batch_stats)`` as PyTorch initializes them: scale 1, bias 0, mean 0, var 1, count 0.
 
-    ``bias=False`` (PyTorch 2.x's keyword) makes the scale alone: ``params = {"scale": (C,)}``.
+    Args:
+      num_features: the channels C.
+      affine: make ``params`` (else ``{}``).
+      track_running_stats: make ``batch_stats`` (else ``{}``).
+      dtype: the params' dtype; the statistics are kept in at least float32.
+      nonfinite_guard: add ``batch_stats["skipped"]`` (``()`` int32): a training batch whose statistics are
+        NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead (its output is still
+        computed from it).
+      bias: False (PyTorch 2.x's ``bias=False``) makes the scale alone.
 
-    ``nonfinite_guard=True`` adds ``batch_stats["skipped"]`` (() int32): a training batch whose statistics are
-    NaN/inf then leaves mean, var and count unchanged and increments ``skipped`` instead, so one bad batch cannot
-    silently corrupt the running statistics (the output of that batch is still computed from it).
+    Returns:
+      ``(params, batch_stats)``: ``{"scale": (C,), "bias": (C,)}`` and ``{"mean": (C,), "var": (C,), "count": ()}``.
     """
     return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
-                        nonfinite_guard=nonfinite_guard, where="batch_norm_init", bias=bias)
+                        nonfinite_guard=nonfinite_guard, layer="batch_norm_init", bias=bias)
 
 
 def _check_virtual_batch(v: Any, x: Array, feats: tuple[int, ...], mask: Any, axis_name: Any) -> int | None:
@@ -76,17 +82,33 @@ def batch_norm(
     running_var_unbiased: bool = True,
     virtual_batch_size: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Batch normalization over every axis except ``axis``; returns ``(y, new_batch_stats)``.
+    """Batch normalization: ``y = (x - mean) * rsqrt(var + eps) * scale + bias``, statistics over every axis but
+    ``axis``.
 
-    PyTorch semantics: in training (or with no running stats) normalize with the biased batch variance and, when
-    ``batch_stats`` is non-empty, update it with ``momentum`` (weight of the new batch; None = cumulative
-    average) using the unbiased variance. In eval mode with running stats, normalize with them and return
-    ``batch_stats`` unchanged. ``axis_name`` averages statistics across a mapped/sharded axis (SyncBatchNorm);
-    ``mask`` (bool, broadcastable to ``x``) excludes positions from the statistics. ``running_var_unbiased=False``
-    updates the running variance with the biased batch variance (flax.linen.BatchNorm's behaviour).
-    ``virtual_batch_size`` (ghost batch norm, Hoffer et al. 2017): in training, split the batch (axis 0) into
-    consecutive sub-batches of that size and normalize each with its own statistics; the running statistics get one
-    update with the average of the sub-batch means and (unbiased) variances, as Keras does.
+    PyTorch's semantics. In training (or with no running statistics) x is normalized with the batch's mean and
+    biased variance, and a non-empty ``batch_stats`` is updated: ``new = (1 - momentum) * old + momentum * batch``,
+    with the unbiased batch variance ``var * n / (n - 1)``. In eval mode with running statistics, those normalize
+    and ``batch_stats`` comes back unchanged.
+
+    Args:
+      params: ``batch_norm_init``'s ``{"scale", "bias"}`` (or part of it, or ``{}``), shaped as the features.
+      batch_stats: ``{"mean", "var", "count"}`` (``count``: PyTorch's ``num_batches_tracked``), or ``{}``.
+      x: ``(N, C, ...)``, the channel on ``axis``.
+      training: a Python bool: normalize with the batch's statistics and update the running ones.
+      axis: the channel axis, or a tuple of feature axes.
+      momentum: the weight of the new batch (PyTorch's); None is the cumulative average over ``count`` batches.
+      eps: added to the variance (> 0).
+      axis_name: SyncBatchNorm: the statistics over every device of this mapped or sharded axis.
+      axis_index_groups: as in ``jax.lax.psum``.
+      mask: bool, broadcastable to x: only the True positions enter the statistics.
+      running_var_unbiased: False updates the running variance with the biased batch variance
+        (flax.linen.BatchNorm's).
+      virtual_batch_size: ghost batch norm (Hoffer et al., 2017): in training, each consecutive sub-batch of this
+        size (along axis 0) is normalized with its own statistics; the running statistics get one update with
+        their average, as Keras does.
+
+    Returns:
+      ``(y, new_batch_stats)``: y with x's shape and dtype.
     """
     training = check_training(training, _LAYER)
     x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`", complex_ok=True)
@@ -102,7 +124,7 @@ def batch_norm(
     scale, bias = affine_arrays(params, bshape)
     ghost = _check_virtual_batch(virtual_batch_size, x, feats, mask, axis_name) if training else None
     if use_batch:
-        if training and mask is None and axis_name is None and x.size // max(1, math.prod(fshape)) == 1:
+        if training and mask is None and axis_name is None and group_count(x.shape, reduction_axes) == 1:
             raise ValueError(
                 f"{_LAYER}: expected more than 1 value per channel when training, got input shape "
                 f"{tuple(x.shape)} (one value per channel along axis={axis}). Use a batch of at least 2, or "

@@ -14,18 +14,18 @@ from jaxnorm._running import running_stats_init
 Array = jax.Array
 
 
-def check_num_features(num_features: Any, where: str) -> int:
+def check_num_features(num_features: Any, layer: str) -> int:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{where}: `num_features` must be a positive int, got {num_features!r}.")
+        raise ValueError(f"{layer}: `num_features` must be a positive int, got {num_features!r}.")
     return num_features
 
 
 def channel_init(num_features: Any, *, affine: bool, track_running_stats: bool, dtype: Any, nonfinite_guard: bool,
-                 where: str, bias: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
+                 layer: str, bias: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
     """PyTorch's fresh per-channel ``(params, batch_stats)``: scale 1, bias 0 (``affine``; ``bias=False``: the
     scale alone, as PyTorch 2.x's ``bias=False``), and the running statistics of ``jaxnorm._running``
     (``track_running_stats``)."""
-    c = check_num_features(num_features, where)
+    c = check_num_features(num_features, layer)
     params = affine_init((c,), affine=affine, bias=bias, dtype=dtype)
     stats = running_stats_init(c, dtype, nonfinite_guard) if track_running_stats else {}
     return params, stats

@@ -179,3 +179,29 @@ def check_mask(mask: Any, x: Array, layer: str) -> Array | None:
 def channel_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
     """Shape that broadcasts a (size,) per-channel vector along ``axis`` of a rank-``ndim`` array."""
     return tuple(size if i == axis else 1 for i in range(ndim))
+
+
+def row_axes(normalized_shape: Any, reduction_axes: Any, feature_axes: Any, layer: str,
+             default: Any = None) -> dict[str, Any]:
+    """Layer/RMS norm's axes as the functional API takes them: PyTorch's ``normalized_shape`` (the trailing dims,
+    params of that shape) or Flax's ``reduction_axes`` with ``feature_axes`` (the params' axes), never both.
+    Neither given: ``default`` for both of Flax's (the wrappers: -1, as Flax), or an error when it is None."""
+    if normalized_shape is not None and reduction_axes is not None:
+        raise ValueError(
+            f"{layer}: got both `normalized_shape`={normalized_shape!r} (PyTorch: the trailing dims) and "
+            f"`reduction_axes`={reduction_axes!r} (Flax: any axes); give one of them."
+        )
+    if normalized_shape is not None:
+        if feature_axes is not None:
+            raise ValueError(
+                f"{layer}: `feature_axes`={feature_axes!r} goes with `reduction_axes`; with `normalized_shape` "
+                "the params have the normalized shape."
+            )
+        return {"normalized_shape": normalized_shape}
+    if reduction_axes is None and default is None:
+        raise TypeError(
+            f"{layer}: give `normalized_shape` (the trailing dims, as torch.nn.LayerNorm) or `reduction_axes` "
+            "(the axes to normalize over, as flax.linen.LayerNorm), e.g. normalized_shape=x.shape[-1]."
+        )
+    reduction_axes = default if reduction_axes is None else reduction_axes
+    return {"reduction_axes": reduction_axes, "feature_axes": default if feature_axes is None else feature_axes}

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxnorm._running import running_stats_init
+from jaxnorm._statistics import stats_dtype
 
 _TORCH_DEFAULT = 0.1
 DEFAULT_GROUPS = 32  # GroupNorm's num_groups when neither it nor group_size is given (Flax's default)
@@ -105,32 +106,6 @@ def resolve_affine(
     return (True if use_scale is None else bool(use_scale)), (True if use_bias is None else bool(use_bias))
 
 
-def row_axes(normalized_shape: Any, reduction_axes: Any, feature_axes: Any, layer: str,
-             default: Any = None) -> dict[str, Any]:
-    """Layer/RMS norm's axes as the functional API takes them: PyTorch's ``normalized_shape`` (the trailing dims,
-    params of that shape) or Flax's ``reduction_axes`` with ``feature_axes`` (the params' axes), never both.
-    Neither given: ``default`` for both of Flax's (the wrappers: -1, as Flax), or an error when it is None."""
-    if normalized_shape is not None and reduction_axes is not None:
-        raise ValueError(
-            f"{layer}: got both `normalized_shape`={normalized_shape!r} (PyTorch: the trailing dims) and "
-            f"`reduction_axes`={reduction_axes!r} (Flax: any axes); give one of them."
-        )
-    if normalized_shape is not None:
-        if feature_axes is not None:
-            raise ValueError(
-                f"{layer}: `feature_axes`={feature_axes!r} goes with `reduction_axes`; with `normalized_shape` "
-                "the params have the normalized shape."
-            )
-        return {"normalized_shape": normalized_shape}
-    if reduction_axes is None and default is None:
-        raise TypeError(
-            f"{layer}: give `normalized_shape` (the trailing dims, as torch.nn.LayerNorm) or `reduction_axes` "
-            "(the axes to normalize over, as flax.linen.LayerNorm), e.g. normalized_shape=x.shape[-1]."
-        )
-    reduction_axes = default if reduction_axes is None else reduction_axes
-    return {"reduction_axes": reduction_axes, "feature_axes": default if feature_axes is None else feature_axes}
-
-
 def instance_axes(axis: Any, feature_axes: Any, layer: str) -> Any:
     """InstanceNorm's channel axes: ``axis`` (PyTorch's, default -1 channels-last) or Flax's ``feature_axes``."""
     if feature_axes is not None and axis != -1:
@@ -156,7 +131,7 @@ def feature_axes(ndim: int, axes: Any) -> tuple[int, ...]:
 def running_dtype(param_dtype: Any, force_float32_reductions: bool) -> Any:
     """dtype of the running statistics: at least float32, or ``param_dtype`` as Flax stores them when
     ``force_float32_reductions=False``."""
-    return jnp.promote_types(param_dtype, jnp.float32) if force_float32_reductions else param_dtype
+    return stats_dtype(param_dtype) if force_float32_reductions else param_dtype
 
 
 def compute_dtype(x: Any, dtype: Any) -> Any:

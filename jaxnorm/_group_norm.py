@@ -22,13 +22,13 @@ Array = jax.Array
 _LAYER = "group_norm"
 
 
-def _check_groups(num_groups: Any, num_channels: int, where: str) -> int:
+def _check_groups(num_groups: Any, num_channels: int, layer: str) -> int:
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"{where}: `num_groups` must be a positive int, got {num_groups!r}.")
+        raise ValueError(f"{layer}: `num_groups` must be a positive int, got {num_groups!r}.")
     if num_channels % num_groups:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
         raise ValueError(
-            f"{where}: `num_groups`={num_groups} must divide the number of channels {num_channels}; "
+            f"{layer}: `num_groups`={num_groups} must divide the number of channels {num_channels}; "
             f"valid choices are {divisors}."
         )
     return num_groups
@@ -37,8 +37,18 @@ def _check_groups(num_groups: Any, num_channels: int, where: str) -> int:
 def group_norm_init(
     num_groups: int, num_channels: int, *, affine: bool = True, dtype: Any = jnp.float32, bias: bool = True
 ) -> dict[str, Array]:
-    """Fresh params as PyTorch initializes them: scale 1, bias 0 (per channel); ``bias=False`` (PyTorch 2.x)
-    makes the scale alone."""
+    """Fresh params as PyTorch initializes them: scale 1, bias 0, per channel.
+
+    Args:
+      num_groups: the groups; must divide ``num_channels``.
+      num_channels: the channels C.
+      affine: make the params (else ``{}``).
+      dtype: the params' dtype.
+      bias: False (PyTorch 2.x's ``bias=False``) makes the scale alone.
+
+    Returns:
+      ``{"scale": (C,), "bias": (C,)}``.
+    """
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(f"group_norm_init: `num_channels` must be a positive int, got {num_channels!r}.")
     _check_groups(num_groups, num_channels, "group_norm_init")
@@ -78,12 +88,25 @@ def group_norm(
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
 ) -> Array:
-    """Split the channels on ``axis`` into ``num_groups`` contiguous groups (or groups of ``group_size``) and
-    normalize each (example, group) over its channels and the ``reduction_axes`` (default: every axis except the
-    batch axis 0 and ``axis``; listing ``axis`` itself is allowed, as in Flax); then a per-channel scale/shift.
+    """Group normalization: ``y = (x - mean) * rsqrt(var + eps) * scale + bias``, statistics per example and group
+    of contiguous channels.
 
-    ``mask`` (bool, broadcastable to ``x``; it may vary along the channels) excludes positions from the
-    statistics; ``axis_name`` combines them exactly across a mapped/sharded axis.
+    Args:
+      params: ``group_norm_init``'s ``{"scale", "bias"}`` (per channel), part of it, or ``{}``.
+      x: ``(N, C, ...)``, the channel on ``axis``.
+      num_groups: the groups (PyTorch's and Flax's); or give ``group_size``.
+      axis: the channel axis.
+      eps: added to the variance (> 0).
+      group_size: the channels per group (Flax's), instead of ``num_groups``.
+      reduction_axes: the axes pooled with each group's channels (default: every axis but the batch axis 0 and
+        ``axis``; listing ``axis`` itself is allowed, as in Flax).
+      mask: bool, broadcastable to x (it may vary along the channels): only the True positions enter the
+        statistics.
+      axis_name: combine the statistics exactly across a mapped or sharded axis; axis_index_groups as in
+        ``jax.lax.psum``.
+
+    Returns:
+      y, with x's shape and dtype.
     """
     x = check_input(x, _LAYER, min_ndim=2, what="rank >= 2: (N, C, ...) with the channel on `axis`", complex_ok=True)
     ax = canonical_axis(axis, x.ndim, _LAYER)

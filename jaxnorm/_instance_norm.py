@@ -13,7 +13,6 @@ passes 0.0), and ``count`` is never incremented (InstanceNorm never touches ``nu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -33,7 +32,7 @@ from jaxnorm._checks import (
 from jaxnorm._derivative import normalize_batch
 from jaxnorm._normalize import affine_arrays, normalize
 from jaxnorm._running import empty_batch, running_arrays, update_running
-from jaxnorm._statistics import stats_dtype, unbiased_variance
+from jaxnorm._statistics import group_count, stats_dtype, unbiased_variance
 
 Array = jax.Array
 _LAYER = "instance_norm"
@@ -42,11 +41,18 @@ _LAYER = "instance_norm"
 def instance_norm_init(num_features: int, *, affine: bool = False, track_running_stats: bool = False,
                        dtype: Any = jnp.float32, nonfinite_guard: bool = False, bias: bool = True
                        ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults (no affine, no running stats);
-    ``bias=False`` with ``affine=True`` makes the scale alone (PyTorch 2.x); ``nonfinite_guard`` as in
-    ``batch_norm_init``."""
+    """Fresh ``(params, batch_stats)`` with PyTorch's InstanceNorm defaults: no affine, no running statistics.
+
+    Args:
+      num_features, dtype, nonfinite_guard, bias: as in ``batch_norm_init``.
+      affine: make ``params``: scale 1, bias 0.
+      track_running_stats: make ``batch_stats``: mean 0, var 1, count 0.
+
+    Returns:
+      ``(params, batch_stats)``, each ``{}`` when not asked for.
+    """
     return channel_init(num_features, affine=affine, track_running_stats=track_running_stats, dtype=dtype,
-                        nonfinite_guard=nonfinite_guard, where="instance_norm_init", bias=bias)
+                        nonfinite_guard=nonfinite_guard, layer="instance_norm_init", bias=bias)
 
 
 def instance_norm(
@@ -64,19 +70,29 @@ def instance_norm(
     batch_axis_name: Hashable | None = None,
     batched: bool = True,
 ) -> tuple[Array, dict[str, Array]]:
-    """Normalize each (example, channel) over its spatial axes; returns ``(y, new_batch_stats)``.
+    """Instance normalization: ``y = (x - mean) * rsqrt(var + eps) * scale + bias``, statistics per example and
+    channel over the spatial axes.
 
-    ``x`` is ``(N, ..., C, ...)`` with the batch on axis 0 and channels on ``axis`` (a tuple of axes gives
-    per-feature statistics and params over all of them, as Flax's ``feature_axes``). ``batched=False`` takes one
-    example with no batch axis, as PyTorch's InstanceNorm takes ``(C, L)``, ``(C, H, W)`` and ``(C, D, H, W)``: it
-    is normalized as the batch ``x[None]`` of one, and ``y`` has x's shape; ``axis`` still counts in the batched
-    layout, so the default ``1`` is the channel of ``(C, ...)`` and ``-1`` that of ``(..., C)``. (The rank alone
-    cannot tell ``(C, H, W)`` from a batch ``(N, C, L)``: where the params or running statistics say which one x
-    is, the other reading is refused with the fix.) ``mask`` (bool, broadcastable to ``x``) excludes positions
-    from the statistics; ``axis_name`` combines them exactly across a mapped/sharded axis
-    (the spatial axes split over devices). ``batch_axis_name`` is the named axis the batch's examples are mapped
-    over (a ``jax.vmap`` over examples, as Equinox calls a layer, or the batch split over devices): the running
-    statistics then average the per-instance statistics over all of them, as over the batch axis.
+    Args:
+      params: ``instance_norm_init``'s params (``{}`` by default: PyTorch's ``affine=False``).
+      batch_stats: running statistics (``{}`` by default: PyTorch's ``track_running_stats=False``).
+      x: ``(N, ..., C, ...)``, the batch on axis 0, the channel on ``axis``.
+      training: a Python bool, as in ``batch_norm``; PyTorch's InstanceNorm never counts batches.
+      axis: the channel axis, or a tuple of feature axes (Flax's ``feature_axes``).
+      momentum: as in ``batch_norm`` (None: the running statistics stay put, as PyTorch).
+      eps: added to the variance (> 0).
+      mask: bool, broadcastable to x: only the True positions enter the statistics.
+      axis_name: combine the statistics exactly across a mapped or sharded axis (the spatial axes split over
+        devices); axis_index_groups as in ``jax.lax.psum``.
+      batch_axis_name: the named axis the examples are mapped over (a ``jax.vmap`` over examples, as Equinox calls
+        a layer, or the batch split over devices): the running statistics average over all of them.
+      batched: False takes one example with no batch axis, as PyTorch's InstanceNorm takes ``(C, L)``,
+        ``(C, H, W)`` and ``(C, D, H, W)``; it is normalized as the batch ``x[None]`` of one and ``axis`` counts in
+        that batched layout. The rank alone cannot tell ``(C, H, W)`` from a batch ``(N, C, L)``: where the params
+        or running statistics say which one x is, the other reading is refused with the fix.
+
+    Returns:
+      ``(y, new_batch_stats)``: y with x's shape and dtype.
     """
     training = check_training(training, _LAYER)
     batched = check_flag(batched, "batched", _LAYER)
@@ -105,7 +121,7 @@ def instance_norm(
     use_input_stats = training or not batch_stats
     scale, bias = affine_arrays(params, bshape)
     if use_input_stats:
-        if training and mask is None and axis_name is None and math.prod(x.shape[i] for i in spatial) == 1:
+        if training and mask is None and axis_name is None and group_count(x.shape, spatial) == 1:
             raise ValueError(
                 f"{_LAYER}: expected more than 1 spatial element when training, got input shape {tuple(x.shape)}."
             )

@@ -26,8 +26,8 @@ from jaxnorm._checks import (
     check_state,
     check_trailing_shape,
     normalized_shape_tuple,
+    row_axes,
 )
-from jaxnorm._conventions import row_axes
 from jaxnorm._derivative import normalize_batch, normalize_rms
 from jaxnorm._normalize import affine_arrays
 
@@ -41,7 +41,17 @@ def layer_norm_init(
     bias: bool = True,
     dtype: Any = jnp.float32,
 ) -> dict[str, Array]:
-    """Fresh params as PyTorch initializes them: scale 1, bias 0."""
+    """Fresh params as PyTorch initializes them: scale 1, bias 0.
+
+    Args:
+      normalized_shape: the trailing dims normalized over: the params' shape.
+      elementwise_affine: make the params (else ``{}``).
+      bias: False (PyTorch 2.x's ``bias=False``) makes the scale alone.
+      dtype: the params' dtype.
+
+    Returns:
+      ``{"scale": normalized_shape, "bias": normalized_shape}``.
+    """
     shape = normalized_shape_tuple(normalized_shape, "layer_norm_init")
     return affine_init(shape, affine=elementwise_affine, bias=bias, dtype=dtype)
 
@@ -52,7 +62,16 @@ def rms_norm_init(
     elementwise_affine: bool = True,
     dtype: Any = jnp.float32,
 ) -> dict[str, Array]:
-    """Fresh params as PyTorch initializes them: scale 1 (RMSNorm has no bias)."""
+    """Fresh params as PyTorch initializes them: scale 1 (RMSNorm has no bias).
+
+    Args:
+      normalized_shape: the trailing dims normalized over: the scale's shape.
+      elementwise_affine: make the scale (else ``{}``).
+      dtype: the scale's dtype.
+
+    Returns:
+      ``{"scale": normalized_shape}``.
+    """
     shape = normalized_shape_tuple(normalized_shape, "rms_norm_init")
     return {"scale": jnp.ones(shape, dtype)} if elementwise_affine else {}
 
@@ -65,7 +84,6 @@ def _layout(
     feature_axes: Any,
     mask: Any,
     layer: str,
-    allowed: list[list[str]],
 ) -> tuple[Array, tuple[int, ...], tuple[int, ...], Array | None]:
     """Check the inputs; return ``(x, reduced axes, broadcast shape of the params, mask)``.
 
@@ -87,6 +105,7 @@ def _layout(
         bshape = broadcast_shape(x.shape, feats)
     init = f"jaxnorm.{layer}_init({pshape if len(pshape) > 1 else pshape[0]}, ...)"
     keys = sorted(params.keys()) if isinstance(params, dict) else None
+    allowed = [[], ["scale"], ["bias"], ["bias", "scale"]]
     layout = next((k for k in allowed if k == keys), allowed[-1])
     check_state(params, {k: (pshape, "inexact") for k in layout}, arg="params", layer=layer,
                 fix=f"Create matching params with {init}.")
@@ -97,40 +116,52 @@ def layer_norm(params: dict[str, Array], x: Array, *, normalized_shape: int | tu
                eps: float = 1e-5, reduction_axes: int | Sequence[int] | None = None,
                feature_axes: int | Sequence[int] | None = None, mask: Array | None = None,
                axis_name: Hashable | None = None, axis_index_groups: Any = None) -> Array:
-    """Normalize with the mean and biased variance over some axes, then scale/shift.
+    """Layer normalization: ``(x - mean) * rsqrt(var + eps) * scale + bias`` with the mean and the biased variance
+    over some axes.
 
-    The axes: PyTorch's ``normalized_shape`` (the trailing dims; params of that shape), or Flax's
-    ``reduction_axes`` (any axes, e.g. ``1`` for channels-first LayerNorm2d in NCHW) with the params over
-    ``feature_axes`` (default: the reduced axes). ``mask`` (bool, broadcastable to ``x``) excludes positions from
-    the statistics (padded tokens); every position is still normalized. ``axis_name`` combines the statistics
-    exactly across a mapped/sharded axis, when the reduced axes are split over devices (``axis_index_groups``
-    as in ``jax.lax.psum``).
+    Args:
+      params: ``layer_norm_init``'s: ``{"scale", "bias"}``, one of them, or ``{}``, shaped as the normalized dims.
+      x: the input.
+      normalized_shape: PyTorch's: the trailing dims to normalize over; the params have this shape.
+      eps: added to the variance (> 0).
+      reduction_axes: Flax's, instead of ``normalized_shape``: any axes to normalize over (e.g. ``1`` for a
+        channels-first LayerNorm2d in NCHW).
+      feature_axes: with ``reduction_axes``, the params' axes (default: the reduced axes).
+      mask: bool, broadcastable to x: only the True positions enter the statistics (padded tokens); every position
+        is still normalized.
+      axis_name: combine the statistics exactly across this mapped or sharded axis, when the reduced axes are split
+        over devices.
+      axis_index_groups: as in ``jax.lax.psum``.
+
+    Returns:
+      y, with x's shape and dtype.
     """
-    return _row_norm("layer_norm", params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
-                     axis_index_groups)
+    layer = "layer_norm"
+    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer)
+    scale, bias = affine_arrays(params, bshape)
+    return normalize_batch(x, axes, check_eps(eps, layer), scale, bias, mask=mask, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)[0]
 
 
 def rms_norm(params: dict[str, Array], x: Array, *, normalized_shape: int | tuple[int, ...] | None = None,
              eps: float | None = None, reduction_axes: int | Sequence[int] | None = None,
              feature_axes: int | Sequence[int] | None = None, mask: Array | None = None,
              axis_name: Hashable | None = None, axis_index_groups: Any = None) -> Array:
-    """``x * rsqrt(mean(x**2) + eps) * scale`` over some axes; ``eps=None`` is ``finfo(x.dtype).eps``.
+    """RMS normalization: ``x * rsqrt(mean(x**2) + eps) * scale`` over some axes.
 
-    Axes, ``mask`` and ``axis_name`` as in ``layer_norm``. ``params`` may add a ``bias`` to the scale (as
-    equinox.nn.RMSNorm's ``use_bias``; PyTorch's and Flax's RMSNorm have none).
+    Args:
+      params: ``rms_norm_init``'s ``{"scale"}`` or ``{}``; a ``"bias"`` may be added to the scale (as
+        equinox.nn.RMSNorm's ``use_bias``; PyTorch's and Flax's RMSNorm have none).
+      x: the input.
+      normalized_shape, reduction_axes, feature_axes, mask, axis_name, axis_index_groups: as in ``layer_norm``.
+      eps: added to the mean square (> 0); None (PyTorch's default) is ``finfo(x.dtype).eps``.
+
+    Returns:
+      y, with x's shape and dtype.
     """
-    return _row_norm("rms_norm", params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
-                     axis_index_groups)
-
-
-def _row_norm(layer, params, x, normalized_shape, eps, reduction_axes, feature_axes, mask, axis_name,
-              axis_index_groups) -> Array:
-    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer,
-                                    [[], ["scale"], ["bias"], ["bias", "scale"]])
-    rms = layer == "rms_norm"
-    eps = float(jnp.finfo(x.dtype).eps) if rms and eps is None else check_eps(eps, layer)  # finfo: real eps
+    layer = "rms_norm"
+    x, axes, bshape, mask = _layout(x, params, normalized_shape, reduction_axes, feature_axes, mask, layer)
+    eps = float(jnp.finfo(x.dtype).eps) if eps is None else check_eps(eps, layer)  # finfo: the real dtype's eps
     scale, bias = affine_arrays(params, bshape)
-    named = {"mask": mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
-    if rms:
-        return normalize_rms(x, axes, eps, scale, bias=bias, **named)
-    return normalize_batch(x, axes, eps, scale, bias, **named)[0]
+    return normalize_rms(x, axes, eps, scale, bias=bias, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)

@@ -1,12 +1,15 @@
 """The statistics a layer normalizes with: mean and variance (or RMS norm's mean square) over some axes,
 optionally of the positions a mask keeps, optionally combined across the devices of a named axis.
 
-``moments`` and ``mean_square`` are what the layers call; the numerics are ``jaxnorm._statistics``, the
-platform's choice of strategy ``jaxnorm._platform`` and the cross-device combination ``jaxnorm._combine``.
+``moments`` and ``mean_square`` are what the layers call when the statistics carry a mask or a named axis (and what
+the variants call); without either, ``jaxnorm._derivative.normalize_batch`` computes them inside its derivative
+rule. The formulas are ``jaxnorm._statistics``', the platform's choice among them ``jaxnorm._platform``'s, and the
+cross-device combination ``jaxnorm._combine``'s.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -14,8 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._combine import across_devices, group_psum
-from jaxnorm._platform import own_moments
-from jaxnorm._statistics import abs2, group_count, masked_moments, square_mean, stats_dtype, sum_over, variance
+from jaxnorm._platform import moment_strategies
+from jaxnorm._statistics import (
+    abs2,
+    element_count,
+    group_count,
+    masked_moments,
+    square_mean,
+    stats_dtype,
+    sum_over,
+    two_pass,
+    variance,
+)
 
 Array = jax.Array
 
@@ -39,10 +52,15 @@ def moments(
     ``count`` broadcasts against ``mean`` and is float (0 where a mask keeps nothing).
     """
     axes = tuple(reduction_axes)
-    if mask is None:
-        count, mean, m2 = own_moments(x, axes, groups)
-    else:
+    if mask is not None:
         count, mean, m2 = masked_moments(x, mask, axes, groups)
+    elif jnp.iscomplexobj(x):  # complex: the two-pass formula everywhere (nothing measured for it)
+        count = element_count(x, axes, groups)
+        n = max(group_count(x.shape, axes, groups), 1.0)
+        mean, m2 = two_pass(x, stats_dtype(x.dtype), functools.partial(sum_over, axes=axes, groups=groups), n)
+    else:
+        count = element_count(x, axes, groups)
+        mean, m2 = jax.lax.platform_dependent(x, **moment_strategies(x, axes, groups))
     if axis_name is not None:
         count, mean, m2 = across_devices(count, mean, m2, axis_name, axis_index_groups)
     return mean, variance(m2, count), count
@@ -63,7 +81,7 @@ def mean_square(
         return square_mean(x, axes)
     sq = abs2(x.astype(stats_dtype(x.dtype)))
     if mask is None:
-        total, count = jnp.sum(sq, axes, keepdims=True), jnp.full((1,) * x.ndim, group_count(x.shape, axes), sq.dtype)
+        total, count = jnp.sum(sq, axes, keepdims=True), element_count(x, axes)
     else:
         maskb = jnp.broadcast_to(mask, x.shape)
         total, count = jnp.sum(jnp.where(maskb, sq, 0), axes, keepdims=True), sum_over(maskb.astype(sq.dtype), axes)

@@ -16,7 +16,8 @@ reduced axes (kept as size-1 dims); ``variance`` turns ``M2`` and the count into
 Complex inputs (as Flax): a complex mean and a real variance ``E|x - mean|^2`` (``abs2``), by the two-pass formula
 or the masked shifted sums; the count and the variance have the real dtype (``real_dtype``).
 
-Which strategy runs where is ``jaxnorm._platform``'s choice; ``jaxnorm._moments`` adds masks and devices.
+Which strategy runs where is ``jaxnorm._platform.moment_strategies``' choice; ``jaxnorm._moments`` adds masks and
+devices.
 """
 
 from __future__ import annotations
@@ -72,10 +73,16 @@ def group_count(shape: Sequence[int], axes: Sequence[int], groups: tuple[int, in
     return n * (shape[groups[0]] // groups[1]) if groups else n
 
 
+def element_count(x: Array, axes: Sequence[int], groups: tuple[int, int] | None = None) -> Array:
+    """The count every layer reports with its statistics: ``group_count`` as an array of x's rank, in the real
+    statistics dtype (the masked count, per statistic, is ``masked_moments``')."""
+    return jnp.full((1,) * x.ndim, group_count(x.shape, axes, groups), real_dtype(stats_dtype(x.dtype)))
+
+
 def sum_over(t: Array, axes: tuple[int, ...], groups: tuple[int, int] | None = None) -> Array:
     """``jnp.sum(t, axes, keepdims=True)``; ``groups=(axis, G)`` also sums the channels on ``axis`` within each of
     ``G`` contiguous groups and gives every channel its group's sum (group norm reduces spatially in the input's
-    own layout first: XLA:CPU does that ~10x faster than one reduction over a ``(..., G, C/G)`` view)."""
+    own layout first, which XLA:CPU runs much faster than one reduction over a ``(..., G, C/G)`` view)."""
     if groups is not None:
         return group_combine(sum_over(t, axes), groups)
     return staged_sum(t, axes)
@@ -114,7 +121,7 @@ def row_moments(x: Array, dtype: Any, rows: tuple[int, ...], groups: tuple[int, 
     follows into one kernel that walks the rows.
     """
     x1, x2 = (c.reshape(rows) for c in converted_copies(x, 2, dtype))
-    n = x1.shape[-1]
+    n = max(x1.shape[-1], 1)  # an empty row (a zero-size batch): sums of nothing, statistics 0
     mean = jnp.sum(x1, -1, keepdims=True) / n
     m2 = jnp.sum(jnp.square(x2 - cpu_barrier(mean)), -1, keepdims=True)
     if groups is not None:  # one statistic per group -> one per channel: (..., G, 1) -> (..., C, 1)

@@ -1,21 +1,19 @@
-"""XLA:CPU scheduling devices: how the statistics and the derivative are laid out so XLA:CPU compiles them well.
+"""XLA:CPU scheduling: how the statistics and the derivative are laid out so XLA:CPU compiles them well.
 
-Nothing here changes a value; each device only changes how XLA:CPU schedules the same arithmetic. Measured on
-XLA:CPU (jax 0.10, a 2-core x86-64 machine; the numbers are the ones behind each choice):
+Nothing here changes a value; each helper only changes how XLA:CPU schedules the same arithmetic. Each was measured
+on XLA:CPU (what it bought is in the performance page, "XLA:CPU scheduling"):
 
 - ``cpu_barrier``: an optimization barrier, on CPU only, handing each full-size consumer its own copy of an
   operand, so XLA:CPU recomputes ``x - mean`` or converts bfloat16 inside each fusion instead of writing the shared
-  value to memory (shifted sums 2x faster; bfloat16 batch norm's backward 1.9x faster);
-- ``converted_copies``: one conversion of a narrow input per consumer, behind one barrier (bfloat16 batch norm's
-  forward 2x faster than one shared conversion);
+  value to memory;
+- ``converted_copies``: one conversion of a narrow input per consumer, behind one barrier;
 - ``ROW_FUSION_MIN_ROWS`` and ``contiguous_rows``: from 4096 contiguous rows on, XLA:CPU fuses the row statistics
   and the normalization into one row-wise kernel (layer norm's forward is one fusion: one read of x, one write of
-  y); with fewer rows the checked one pass is faster (instance norm 16x64x64x64: 4.4 ms against 4.9 ms);
-- ``staged_sum``: a reduction over outer axes and a trailing block runs as two, the outer axes first (batch norm in
-  NCHW, ~10% faster).
+  y); with fewer rows the checked one pass is faster;
+- ``staged_sum``: a reduction over outer axes and a trailing block runs as two, the outer axes first.
 
 ``cpu_barrier`` is resolved when the program is lowered (``jax.lax.platform_dependent``): programs for GPUs and
-TPUs, which fuse differently and where none of this was measured, hold no barrier. The other devices are shapes
+TPUs, which fuse differently and where none of this was measured, hold no barrier. The other helpers are shapes
 of the same reductions and apply everywhere.
 """
 

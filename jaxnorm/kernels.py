@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["enable_pallas", "pallas", "pallas_enabled", "row_norm_backward", "row_norm_forward", "row_norm_vjp"]
+__all__ = ["enable_pallas", "pallas", "pallas_enabled", "pallas_mode", "row_norm_backward", "row_norm_forward",
+           "row_norm_vjp"]
 
+# The one process-wide setting, as jax.config's are: read when a function is traced (pallas_mode), never inside one.
 _STATE = {"enabled": False, "interpret": False}
 
 
@@ -48,10 +50,11 @@ def pallas_enabled() -> bool:
     return _STATE["enabled"]
 
 
-def _mode() -> str | None:
-    """None (XLA only), "gpu" (Pallas on NVIDIA GPUs) or "interpret" (Pallas interpreted, everywhere).
+def pallas_mode() -> str | None:
+    """The setting as the layers read it when traced: None (XLA only), ``"gpu"`` (Pallas on NVIDIA GPUs) or
+    ``"interpret"`` (Pallas interpreted, everywhere).
 
-    The core passes it as a static argument, so every trace and cache (jit's, custom_jvp's) is keyed on it.
+    The core passes it on as a static argument, so every trace and cache (jit's, custom_jvp's) is keyed on it.
     """
     return ("interpret" if _STATE["interpret"] else "gpu") if _STATE["enabled"] else None
 
@@ -114,12 +117,19 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, var_ref, *, n_c
 
 def row_norm_forward(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float, *,
                      centre: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """LayerNorm (``centre=True``) or RMSNorm of each row of a 2-D ``x``: ``(y, mean, var)``, one read of x.
+    """LayerNorm or RMSNorm of each row of a 2-D x in one read: ``y = (x - mean) * rsqrt(var + eps) * scale + bias``.
 
-    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` (RMSNorm: no mean (zeros are returned), ``var`` is the
-    mean square); ``mean`` and ``var`` are float32 of shape ``(rows,)``; statistics are computed in float32 with
-    the exact two-pass formula inside the block (the row is held on chip). ``scale``/``bias`` are ``(cols,)`` or
-    None.
+    Statistics in float32, by the exact two-pass formula inside the block (the row is held on chip).
+
+    Args:
+      x: ``(rows, cols)``.
+      scale, bias: ``(cols,)`` or None.
+      eps: added to the variance.
+      centre: True for LayerNorm; False for RMSNorm (no mean; ``var`` is the mean square).
+      interpret: run in Pallas' interpreter (any platform).
+
+    Returns:
+      ``(y, mean, var)``: y as x; ``mean`` (zeros for RMSNorm) and ``var`` float32 ``(rows,)``.
     """
     from jax.experimental import pallas as pl
 
@@ -183,12 +193,23 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscal
 def row_norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array | None, *,
                       centre: bool = True, interpret: bool = False,
                       max_programs: int = MAX_PROGRAMS) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(dx, dscale, dbias)`` of :func:`row_norm_forward` for the output cotangent ``dy``, one pass over x and dy.
+    """The backward of :func:`row_norm_forward` in one pass over x and dy: ``dx = rstd * (g - mean(g) - xhat *
+    mean(g * xhat))`` with ``g = dy * scale`` (RMSNorm: no ``mean(g)`` term), ``dscale = sum(dy * xhat)``,
+    ``dbias = sum(dy)``.
 
     At most ``max_programs`` programs each walk a contiguous run of row tiles, writing dx and accumulating
     ``dy * xhat`` and ``dy`` over their rows in float32; each writes one row of partial sums (a ``(programs,
-    cols)`` array, small next to x), summed afterwards. ``mean`` is the forward's and ``rstd = 1 / sqrt(var +
-    eps)`` from its ``var``. ``dbias`` is returned for RMSNorm too (the gradient of a bias, if there is one).
+    cols)`` array, small next to x), summed afterwards.
+
+    Args:
+      x, dy: ``(rows, cols)``.
+      mean, rstd: the forward's mean and ``1 / sqrt(var + eps)``, ``(rows,)``.
+      scale: ``(cols,)`` or None.
+      centre, interpret: as in :func:`row_norm_forward`.
+      max_programs: the most programs walking the rows.
+
+    Returns:
+      ``(dx, dscale, dbias)``; ``dbias`` for RMSNorm too (the gradient of a bias, if there is one).
     """
     from jax.experimental import pallas as pl
 

@@ -31,6 +31,7 @@ from jaxnorm import nnx as _nnx
 from jaxnorm._checks import canonical_axes
 from jaxnorm._combine import combine
 from jaxnorm._moments import moments
+from jaxnorm._statistics import unbiased_variance, variance
 from jaxnorm._tree import get_path, set_path, walk
 
 __all__ = ["recalibrate"]
@@ -54,16 +55,22 @@ def _merge(triples: list) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def recalibrate(model: Any, *args: Any, num_batches: int | None = None, progress: bool = True,
                 **call_kwargs: Any) -> Any:
-    """Population statistics over ``num_batches`` batches (default: all) for every jaxnorm BatchNorm of ``model``.
+    """Precise BN: set every jaxnorm BatchNorm's ``mean`` to the mean and ``var`` to the unbiased variance
+    ``M2 / (n - 1)`` of all its inputs over ``num_batches`` batches, combined exactly (Chan et al.).
 
-    - Flax linen: ``recalibrate(model, variables, batches, **apply_kwargs)`` returns new ``batch_stats``;
-      ``apply_kwargs`` go to ``model.apply`` and must put the model in training mode (e.g. ``train=True``).
-    - Flax NNX: ``recalibrate(model, batches, **call_kwargs)`` sets the statistics of the model's
-      ``jaxnorm.nnx.BatchNorm`` layers in place and returns the model; the layers must be in training mode
-      (``model.train()``), and ``model(x, **call_kwargs)`` is the forward pass.
+    Args:
+      model: a Flax linen module, called as ``recalibrate(model, variables, batches, **apply_kwargs)``, or a Flax
+        NNX module in training mode (``model.train()``), called as ``recalibrate(model, batches, **call_kwargs)``.
+      *args: linen: ``(variables, batches)``; NNX: ``(batches,)``. ``batches`` yields model inputs (or tuples
+        whose first element is the input).
+      num_batches: how many batches to use (default: all).
+      progress: show a tqdm progress bar.
+      **call_kwargs: linen: ``model.apply``'s keywords, which must put the model in training mode (e.g.
+        ``train=True``); NNX: the model call's.
 
-    ``batches`` yields model inputs (or tuples whose first element is the input). A layer called several times in
-    a forward pass pools all its inputs.
+    Returns:
+      linen: the new ``batch_stats``; NNX: the model, its BatchNorm statistics set in place. A layer called
+      several times in a forward pass pools all its inputs.
     """
     if isinstance(model, nn.Module):
         if len(args) != 2:
@@ -114,7 +121,7 @@ def _accumulate(per_batch: Iterator[dict[str, list]]) -> dict[str, tuple]:
 
 
 def _unbiased(n: jax.Array, m2: jax.Array) -> jax.Array:
-    return m2 / jnp.maximum(n - 1, 1)
+    return unbiased_variance(variance(m2, n), n)
 
 
 def _record_linen(next_fun, args, kwargs, context):

@@ -1,6 +1,6 @@
 """Per-platform code paths and the opt-in Pallas kernels, checked without a GPU.
 
-- The XLA:CPU scheduling devices (optimization barriers, the row threshold, the checked one pass with its
+- The XLA:CPU scheduling helpers (optimization barriers, the row threshold, the checked one pass with its
   ``lax.cond``) are CPU-only: a program lowered for CUDA or TPU holds none of them, and the plain statistics it
   uses instead are exact far from zero.
 - The Pallas kernels run in Pallas' interpreter against float64 formulas and the XLA path, alone and wired into
@@ -202,7 +202,7 @@ def test_plain_statistics_are_exact_far_from_zero_and_branch_free(case):
     rng = np.random.default_rng(3)
     xd = rng.normal(size=shape) + 1e4
     x = jnp.asarray(xd, jnp.float32)
-    plain = lambda x: _platform._default_moments(x, axes=axes, groups=groups)
+    plain = lambda x: _platform.moment_strategies(x, axes, groups)["default"](x)
     assert "stablehlo.compare" not in _lowered(plain, x, platform="cuda")
     mean, m2 = plain(x)
     xq = np.asarray(x, np.float64)

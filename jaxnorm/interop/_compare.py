@@ -505,7 +505,7 @@ class _NNX:
         def forward(state, inputs, isolated):
             module = nnx.merge(graphdef, state)
             self._set_mode(module, train)
-            objects = {_nnx._path(p): m for p, m in nnx.iter_modules(module) if _nnx._path(p) in wanted}
+            objects = {_nnx.path_name(p): m for p, m in nnx.iter_modules(module) if _nnx.path_name(p) in wanted}
             targets = {id(m): path for path, m in objects.items()}
             probes, active = _Probes(paths, isolated, nested), set()
 
@@ -593,6 +593,8 @@ class _Equinox:
         return _equinox.equinox_to_torch(objective(model, self.state, inputs), None, names, kinds=kinds)
 
 
+# the probes of the compare run in progress: a stack set only inside `_active`'s `with` block (as linen's
+# nn.intercept_methods), so a probed Equinox model called outside it runs as the original
 _ACTIVE: list[_Probes] = []
 
 

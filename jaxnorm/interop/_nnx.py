@@ -31,7 +31,8 @@ def _declaration_key(model: Any, path: tuple) -> tuple[int, ...]:
     return tuple(key)
 
 
-def _path(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """An NNX module path as the converters name it: its steps joined by "/"."""
     return "/".join(str(step) for step in path)
 
 
@@ -52,8 +53,8 @@ def state_leaves(model: Any, state: Any = None) -> dict[tuple, dict[str, Any]]:
 def nnx_modules(model: Any) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, tuple]]:
     """({path: {name: shape}}, {path: path tuple}) in declaration order."""
     leaves = state_leaves(model)
-    return ({_path(p): {k: tuple(np.shape(v)) for k, v in vs.items()} for p, vs in leaves.items()},
-            {_path(p): p for p in leaves})
+    return ({path_name(p): {k: tuple(np.shape(v)) for k, v in vs.items()} for p, vs in leaves.items()},
+            {path_name(p): p for p in leaves})
 
 
 def _kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -99,13 +100,13 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, 
     return model
 
 
-def _cast(value: np.ndarray, old: Any, where: str, who: str) -> Any:
+def _cast(value: np.ndarray, old: Any, path: str, who: str) -> Any:
     import jax.numpy as jnp
 
     if old is None:
-        raise KeyError(f"{who}: {where}: the model has no such variable.")
+        raise KeyError(f"{who}: {path}: the model has no such variable.")
     if tuple(np.shape(old)) != value.shape:
-        raise ValueError(f"{who}: {where}: the state_dict gives shape {value.shape}, the model holds "
+        raise ValueError(f"{who}: {path}: the state_dict gives shape {value.shape}, the model holds "
                          f"{tuple(np.shape(old))}.")
     return jnp.asarray(value, dtype=old.dtype)
 
@@ -115,7 +116,7 @@ def nnx_to_torch(model: Any, names: Mapping[str, str], *, kinds: Mapping[str, st
     """The inverse of :func:`torch_to_nnx`: the model's parameters and running statistics as a ``state_dict`` of
     NumPy arrays, for the modules ``names`` maps. ``state`` (an ``nnx.State`` of the model's parameters, e.g. the
     gradients ``nnx.grad`` returns) is converted in place of the model's own values."""
-    leaves = {_path(p): v for p, v in state_leaves(model, state).items()}
+    leaves = {path_name(p): v for p, v in state_leaves(model, state).items()}
     out: dict[str, np.ndarray] = {}
     for prefix, path in names.items():
         if path not in leaves:
