@@ -18,8 +18,8 @@ says which to use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 try:
     import equinox as eqx
@@ -63,10 +63,25 @@ def _with_state(y: Array, state: Any) -> Any:
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
-    """torch.nn.BatchNorm{1,2,3}d for Equinox, with equinox.nn.BatchNorm's keywords (``input_size``,
-    ``axis_name``, ``eps``, ``channelwise_affine``, ``inference``, ``dtype``); ``use_bias=False`` is PyTorch 2.x's
-    ``bias=False`` (a weight, no bias). Input: one example ``(C, ...)`` under ``jax.vmap(..., axis_name=axis_name)``
-    (a vmap over zero examples counts the batch and keeps the statistics, as PyTorch does an empty batch)."""
+    """Batch normalization: ``(x - mean) * rsqrt(var + eps) * weight + bias``, statistics over the batch ``vmap``.
+
+    torch.nn.BatchNorm{1,2,3}d for Equinox, with equinox.nn.BatchNorm's keywords. Input: one example ``(C, ...)``
+    under ``jax.vmap(..., axis_name=axis_name)`` (a vmap over zero examples counts the batch and keeps the
+    statistics, as PyTorch does an empty batch).
+
+    Args:
+      input_size: the channels C.
+      axis_name: the batch vmap's axis name (or names).
+      eps: added to the variance.
+      channelwise_affine: a per-channel weight and bias.
+      use_bias: False is PyTorch 2.x's ``bias=False`` (a weight, no bias).
+      torch_momentum: the weight of the new batch (default 0.1; None: the cumulative average).
+      flax_momentum: the decay of the old average (equinox's own ``momentum=0.99`` convention); give one of two.
+      inference: normalize with the running statistics (also a call argument, or ``eqx.nn.inference_mode``).
+      dtype: the params' and running statistics' dtype (None: the default float).
+      momentum: a TypeError that says which convention to use.
+      mode: equinox's; only ``"batch"`` (its meaning here) is accepted.
+    """
 
     weight: Array | None
     bias: Array | None
@@ -78,70 +93,90 @@ class BatchNorm(eqx.nn.StatefulLayer):
     running_var_unbiased: bool = eqx.field(static=True)
     input_size: int = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
-    _fn: ClassVar[Callable[..., Any]] = staticmethod(jaxnorm.batch_norm)
-    _torch_default: ClassVar[float] = 0.1  # torch_momentum's default (given with flax_momentum: an error)
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
                  channelwise_affine: bool = True, *, use_bias: bool = True, torch_momentum: float | None = 0.1,
                  flax_momentum: float | None = None, inference: bool = False, dtype: Any = None,
                  momentum: Any = _UNSET, mode: str | None = None):
-        layer = type(self).__name__
-        no_plain_momentum(momentum, layer, _UNSET)
-        if mode not in (None, "batch"):
-            raise ValueError(
-                f"{layer}: `mode`={mode!r} is not supported: jaxnorm's {layer} always normalizes a training "
-                "batch with its own statistics and inference with the running ones (equinox's mode='batch', "
-                "PyTorch's semantics). Drop `mode` or pass mode='batch'."
-            )
-        params, stats = jaxnorm.batch_norm_init(input_size, affine=channelwise_affine, bias=use_bias,
-                                                dtype=_dtype(dtype))
-        self.weight, self.bias = params.get("scale"), params.get("bias")
-        self.state_index = eqx.nn.StateIndex(stats)
-        self.inference = inference
-        self.axis_name = axis_name
-        self.eps = eps
-        momentum = resolve_momentum(torch_momentum, flax_momentum, layer, self._torch_default)
-        self.momentum, self.running_var_unbiased = momentum.momentum, momentum.unbiased
-        self.input_size, self.channelwise_affine = input_size, channelwise_affine
+        _init_batch_norm(self, input_size, axis_name, eps, channelwise_affine, use_bias, torch_momentum,
+                         flax_momentum, inference, dtype, momentum, mode, torch_default=0.1)
 
     def __call__(self, x: Array, state: eqx.nn.State, *, key: Any = None,
                  inference: bool | None = None) -> tuple[Array, eqx.nn.State]:
-        inference = self.inference if inference is None else inference
-        training = not bool(inference)
-        y, new = self._fn(_params(self), state.get(self.state_index), x[None], training=training, axis=1,
-                          momentum=self.momentum, eps=self.eps, axis_name=self.axis_name if training else None,
-                          running_var_unbiased=self.running_var_unbiased, **self._keywords())
-        return y[0], (_set_state(state, self.state_index, new, type(self).__name__) if training else state)
-
-    def _keywords(self) -> dict[str, Any]:
-        return {}
+        """Args: x, one example; state; key: unused; inference: overrides the attribute. Returns: (y, state)."""
+        return _batch_norm(self, jaxnorm.batch_norm, x, state, inference)
 
 
-class BatchRenorm(BatchNorm):
-    """Batch renormalization (Ioffe, 2017) with the paper's schedule: BatchNorm's keywords plus ``r_max``,
-    ``d_max``, ``warmup_steps``, ``relax_steps`` and ``batch_var_unbiased`` (as ``jaxnorm.linen.BatchRenorm``).
-    The step is the state's ``count``, so a saved ``eqx.nn.State`` resumes the schedule. ``torch_momentum``
-    defaults to the paper's 0.01."""
+class BatchRenorm(eqx.nn.StatefulLayer):
+    """Batch renormalization (Ioffe, 2017): ``(x_hat * r + d) * weight + bias``, ``x_hat`` batch-normalized, with
+    ``r`` and ``d`` clipped to bounds that follow the paper's schedule (as ``jaxnorm.linen.BatchRenorm``).
 
+    BatchNorm's arguments (``torch_momentum`` defaults to the paper's 0.01), plus ``r_max``, ``d_max``,
+    ``warmup_steps``, ``relax_steps`` and ``batch_var_unbiased``. The step is the state's ``count``, so a saved
+    ``eqx.nn.State`` resumes the schedule.
+    """
+
+    weight: Array | None
+    bias: Array | None
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    running_var_unbiased: bool = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
     r_max: float = eqx.field(static=True)
     d_max: float = eqx.field(static=True)
     warmup_steps: int = eqx.field(static=True)
     relax_steps: int = eqx.field(static=True)
     batch_var_unbiased: bool = eqx.field(static=True)
-    _fn: ClassVar[Callable[..., Any]] = staticmethod(jaxnorm.batch_renorm)
-    _torch_default: ClassVar[float] = 0.01
 
     def __init__(self, input_size: int, axis_name: Hashable | Sequence[Hashable], eps: float = 1e-5,
                  channelwise_affine: bool = True, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5_000,
-                 relax_steps: int = 40_000, batch_var_unbiased: bool = False, torch_momentum: float | None = 0.01,
-                 **keywords: Any):
-        super().__init__(input_size, axis_name, eps, channelwise_affine, torch_momentum=torch_momentum, **keywords)
+                 relax_steps: int = 40_000, batch_var_unbiased: bool = False, use_bias: bool = True,
+                 torch_momentum: float | None = 0.01, flax_momentum: float | None = None, inference: bool = False,
+                 dtype: Any = None, momentum: Any = _UNSET, mode: str | None = None):
+        _init_batch_norm(self, input_size, axis_name, eps, channelwise_affine, use_bias, torch_momentum,
+                         flax_momentum, inference, dtype, momentum, mode, torch_default=0.01)
         self.r_max, self.d_max, self.batch_var_unbiased = r_max, d_max, batch_var_unbiased
         self.warmup_steps, self.relax_steps = warmup_steps, relax_steps
 
-    def _keywords(self) -> dict[str, Any]:
-        return {"r_max": self.r_max, "d_max": self.d_max, "warmup_steps": self.warmup_steps,
-                "relax_steps": self.relax_steps, "batch_var_unbiased": self.batch_var_unbiased}
+    def __call__(self, x: Array, state: eqx.nn.State, *, key: Any = None,
+                 inference: bool | None = None) -> tuple[Array, eqx.nn.State]:
+        """As ``BatchNorm.__call__``."""
+        return _batch_norm(self, jaxnorm.batch_renorm, x, state, inference, r_max=self.r_max, d_max=self.d_max,
+                           warmup_steps=self.warmup_steps, relax_steps=self.relax_steps,
+                           batch_var_unbiased=self.batch_var_unbiased)
+
+
+def _init_batch_norm(module, input_size, axis_name, eps, channelwise_affine, use_bias, torch_momentum, flax_momentum,
+                     inference, dtype, momentum, mode, *, torch_default) -> None:
+    """BatchNorm's and BatchRenorm's fields, checked."""
+    layer = type(module).__name__
+    no_plain_momentum(momentum, layer, _UNSET)
+    if mode not in (None, "batch"):
+        raise ValueError(
+            f"{layer}: `mode`={mode!r} is not supported: jaxnorm's {layer} always normalizes a training "
+            "batch with its own statistics and inference with the running ones (equinox's mode='batch', "
+            "PyTorch's semantics). Drop `mode` or pass mode='batch'."
+        )
+    params, stats = jaxnorm.batch_norm_init(input_size, affine=channelwise_affine, bias=use_bias, dtype=_dtype(dtype))
+    module.weight, module.bias = params.get("scale"), params.get("bias")
+    module.state_index = eqx.nn.StateIndex(stats)
+    module.inference, module.axis_name, module.eps = inference, axis_name, eps
+    convention = resolve_momentum(torch_momentum, flax_momentum, layer, torch_default)
+    module.momentum, module.running_var_unbiased = convention.momentum, convention.unbiased
+    module.input_size, module.channelwise_affine = input_size, channelwise_affine
+
+
+def _batch_norm(module, fn, x, state, inference, **kw):
+    """BatchNorm's and BatchRenorm's call: ``fn`` on the batch of one ``x[None]`` under the vmap's named axis."""
+    training = not bool(module.inference if inference is None else inference)
+    y, new = fn(_params(module), state.get(module.state_index), x[None], training=training, axis=1,
+                momentum=module.momentum, eps=module.eps, axis_name=module.axis_name if training else None,
+                running_var_unbiased=module.running_var_unbiased, **kw)
+    return y[0], (_set_state(state, module.state_index, new, type(module).__name__) if training else state)
 
 
 class InstanceNorm(eqx.nn.StatefulLayer):
@@ -190,31 +225,23 @@ class InstanceNorm(eqx.nn.StatefulLayer):
         return _with_state(y, state)
 
 
-class _TrailingNorm(eqx.Module):
-    """A norm over the trailing ``shape`` dims of one example, with an optional per-element weight and bias."""
+class LayerNorm(eqx.Module):
+    """Layer normalization: ``(x - mean) * rsqrt(var + eps) * weight + bias`` over the trailing ``shape`` dims.
+
+    torch.nn.LayerNorm / equinox.nn.LayerNorm.
+
+    Args:
+      shape: the trailing dims to normalize over, and the params' shape.
+      eps: added to the variance.
+      use_weight, use_bias: the per-element weight and bias (default: both).
+      dtype: the params' dtype (None: the default float).
+      elementwise_affine: equinox's older name for both, not together with them.
+    """
 
     weight: Array | None
     bias: Array | None
     shape: tuple[int, ...] = eqx.field(static=True)
     eps: float = eqx.field(static=True)
-    _norm: ClassVar[Callable[..., Array]]  # the functional layer: jaxnorm.layer_norm or jaxnorm.rms_norm
-
-    def _setup(self, shape: Any, eps: float, use_weight: bool, use_bias: bool, dtype: Any, layer: str) -> None:
-        self.shape = normalized_shape_tuple(shape, layer)
-        params = jaxnorm.layer_norm_init(self.shape, dtype=_dtype(dtype))
-        self.weight = params["scale"] if use_weight else None
-        self.bias = params["bias"] if use_bias else None
-        self.eps = eps
-
-    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
-        return _with_state(self._norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
-
-
-class LayerNorm(_TrailingNorm):
-    """torch.nn.LayerNorm / equinox.nn.LayerNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``;
-    equinox's older ``elementwise_affine`` too, not together with them)."""
-
-    _norm = staticmethod(jaxnorm.layer_norm)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool | None = None,
                  use_bias: bool | None = None, dtype: Any = None, *, elementwise_affine: bool | None = None):
@@ -222,19 +249,42 @@ class LayerNorm(_TrailingNorm):
             raise ValueError(f"LayerNorm: got both `elementwise_affine`={elementwise_affine!r} and `use_weight`/"
                              "`use_bias`; give one of them.")
         on = True if elementwise_affine is None else elementwise_affine
-        self._setup(shape, eps, on if use_weight is None else use_weight, on if use_bias is None else use_bias,
-                    dtype, "LayerNorm")
+        self.shape, self.weight, self.bias = _trailing_params(shape, on if use_weight is None else use_weight,
+                                                              on if use_bias is None else use_bias, dtype, "LayerNorm")
+        self.eps = eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        """Args: x, one example; state: passed through. Returns: y (and state, if given)."""
+        return _with_state(jaxnorm.layer_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
 
 
-class RMSNorm(_TrailingNorm):
-    """torch.nn.RMSNorm / equinox.nn.RMSNorm over the trailing ``shape`` dims (``use_weight``, ``use_bias``:
-    equinox's defaults, weight and bias on, eps 1e-5)."""
+class RMSNorm(eqx.Module):
+    """RMS normalization: ``x * rsqrt(mean(x**2) + eps) * weight + bias`` over the trailing ``shape`` dims.
 
-    _norm = staticmethod(jaxnorm.rms_norm)
+    torch.nn.RMSNorm / equinox.nn.RMSNorm, with equinox's defaults (weight and bias on, eps 1e-5); arguments as
+    LayerNorm's.
+    """
+
+    weight: Array | None
+    bias: Array | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
 
     def __init__(self, shape: int | Sequence[int], eps: float = 1e-5, use_weight: bool = True, use_bias: bool = True,
                  dtype: Any = None):
-        self._setup(shape, eps, use_weight, use_bias, dtype, "RMSNorm")
+        self.shape, self.weight, self.bias = _trailing_params(shape, use_weight, use_bias, dtype, "RMSNorm")
+        self.eps = eps
+
+    def __call__(self, x: Array, state: Any = _NO_STATE, *, key: Any = None):
+        """As ``LayerNorm.__call__``."""
+        return _with_state(jaxnorm.rms_norm(_params(self), x, normalized_shape=self.shape, eps=self.eps), state)
+
+
+def _trailing_params(shape, use_weight, use_bias, dtype, layer):
+    """``(shape, weight, bias)`` of a norm over trailing dims, None for a param not used."""
+    shape = normalized_shape_tuple(shape, layer)
+    params = jaxnorm.layer_norm_init(shape, dtype=_dtype(dtype))
+    return shape, (params["scale"] if use_weight else None), (params["bias"] if use_bias else None)
 
 
 class GroupNorm(eqx.Module):
