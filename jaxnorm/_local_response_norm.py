@@ -30,10 +30,19 @@ def _check_positive_float(value: Any, name: str, *, allow_zero: bool = False) ->
 def local_response_norm(
     x: Array, *, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, axis: int = 1
 ) -> Array:
-    """``x / (k + alpha / size * sum(x**2 over the channel window)) ** beta`` across the channels on ``axis``.
+    """Local response normalization: ``y = x / (k + alpha / size * sum(x**2 over the channel window)) ** beta``.
 
-    PyTorch's ``LocalResponseNorm(size, alpha, beta, k)`` (channels on axis 1, the default here); computed in at
-    least float32 and returned in ``x.dtype``.
+    PyTorch's ``LocalResponseNorm(size, alpha, beta, k)``: the window holds ``size`` channels, from ``size // 2``
+    before a channel to ``(size - 1) // 2`` after it, zero-padded at the edges. Computed in at least float32.
+
+    Args:
+      x: ``(N, C, ...)``, the channels on ``axis``.
+      size: the channels in the window.
+      alpha, beta, k: the formula's constants.
+      axis: the channel axis.
+
+    Returns:
+      y, with x's shape and dtype.
     """
     x = check_input(x, _LAYER, min_ndim=3, what="rank >= 3: (N, C, spatial...) as torch's LocalResponseNorm")
     ax = canonical_axis(axis, x.ndim, _LAYER)

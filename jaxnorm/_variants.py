@@ -159,10 +159,18 @@ def _check_schedule(warmup_steps: Any, relax_steps: Any, batch_stats: Any, layer
 def frozen_batch_norm(
     params: dict[str, Array], batch_stats: dict[str, Array], x: Array, *, axis: int = 1, eps: float = 1e-5
 ) -> Array:
-    """torchvision's ``FrozenBatchNorm2d``: fixed statistics and affine, no updates, no gradients to them.
+    """torchvision's ``FrozenBatchNorm2d``: ``y = x * scale + shift`` with ``scale = w * rsqrt(running_var + eps)``
+    and ``shift = b - running_mean * scale``; no updates, no gradients to the statistics or the affine.
 
-    Same formula and eps placement as torchvision: ``scale = w * rsqrt(running_var + eps)``,
-    ``shift = b - running_mean * scale``, ``y = x * scale + shift``.
+    Args:
+      params: ``{"scale", "bias"}`` (torchvision's ``weight`` and ``bias``).
+      batch_stats: ``{"mean", "var"}`` (a ``count`` is ignored).
+      x: ``(N, C, ...)``, the channel on ``axis``.
+      axis: the channel axis.
+      eps: added to the running variance, where torchvision adds it.
+
+    Returns:
+      y, with x's shape and dtype.
     """
     layer = "frozen_batch_norm"
     x, ax, c, bshape = _prepare(params, batch_stats, x, axis, layer)
@@ -185,12 +193,21 @@ def fold(
     eps: float = 1e-5,
     out_axis: int = -1,
 ) -> tuple[Array, Array]:
-    """Fold an eval-mode BatchNorm into the layer before it: returns ``(new_kernel, new_bias)``.
+    """Fold an eval-mode BatchNorm into the layer before it: ``new_kernel = kernel * s`` and
+    ``new_bias = (bias - mean) * s + beta``, with ``s = gamma * rsqrt(var + eps)``.
 
-    ``kernel`` is a Flax ``Dense``/``Conv`` kernel whose output features lie on ``out_axis`` (Flax: the last
-    axis; a PyTorch ``(O, I, ...)`` weight: ``out_axis=0``); ``bias`` may be None (``use_bias=False``). Then
-    ``BN_eval(layer(x)) == folded_layer(x)`` with ``new_kernel = kernel * s``, ``new_bias = (bias - mean) * s + beta``
-    and ``s = gamma / sqrt(var + eps)``.
+    Then ``BN_eval(layer(x)) == folded_layer(x)``.
+
+    Args:
+      kernel: a Flax ``Dense``/``Conv`` kernel (or a PyTorch ``(O, I, ...)`` weight with ``out_axis=0``).
+      bias: the layer's bias, or None (``use_bias=False``).
+      params: the BatchNorm's ``{"scale", "bias"}`` (gamma, beta), part of it, or ``{}``.
+      batch_stats: the BatchNorm's ``{"mean", "var"}``.
+      eps: the BatchNorm's eps.
+      out_axis: the kernel's output-feature axis (Flax: the last).
+
+    Returns:
+      ``(new_kernel, new_bias)``.
     """
     layer = "fold"
     ax = canonical_axis(out_axis, kernel.ndim, layer, name="out_axis")
@@ -212,10 +229,16 @@ def fold(
 def fold_variables(
     variables: dict[str, Any], pairs: dict[str, str], *, eps: float = 1e-5
 ) -> dict[str, Any]:
-    """Fold whole models: ``pairs`` maps each layer's Flax path to its BatchNorm's path ("/"-separated).
+    """Fold whole models: every BatchNorm in ``pairs`` into the layer before it (``fold`` on each pair).
 
-    Returns ``params`` for the same model without those BatchNorms (the layers keep their names, given
-    ``use_bias=True``), e.g. LeNet(norm="jaxnorm") -> LeNet(norm="none").
+    Args:
+      variables: the model's ``{"params", "batch_stats"}``.
+      pairs: each layer's Flax path mapped to its BatchNorm's path ("/"-separated).
+      eps: the BatchNorms' eps.
+
+    Returns:
+      ``params`` for the same model without those BatchNorms (the layers keep their names, given
+      ``use_bias=True``), e.g. LeNet(norm="jaxnorm") -> LeNet(norm="none").
     """
     params, stats = variables["params"], variables["batch_stats"]
     out: dict[str, Any] = {}

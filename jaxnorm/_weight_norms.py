@@ -35,16 +35,25 @@ def _matrix(w: Array, axis: int) -> Array:
 def spectral_norm(
     w: Array, u: Array, *, n_steps: int = 1, eps: float = 1e-12, axis: int = -1, torch_order: bool = False
 ) -> tuple[Array, Array, Array]:
-    """``(w / sigma, new_u, sigma)``: ``w`` divided by its largest singular value, estimated by power iteration.
+    """Spectral normalization: ``w / sigma``, ``sigma`` the largest singular value of ``w``, by power iteration.
 
-    ``w`` is viewed as a matrix with the output features on ``axis`` (``-1`` for Flax kernels, ``0`` for
-    PyTorch weights, as ``spectral_norm(dim=0)``) and everything else flattened; ``u`` has one entry per output
-    feature. Each of ``n_steps`` iterations sets ``v = normalize(W u)``, ``u = normalize(W^T v)``; then
-    ``sigma = v^T W u`` (Flax's order). ``torch_order=True`` ends the iteration on ``v = normalize(W u)`` before
-    ``sigma`` (PyTorch's ``spectral_norm``, whose stored ``v`` is always that of its ``u``: training calls then
-    equal PyTorch's, and ``n_steps=0`` is PyTorch's eval mode). ``u`` and ``v`` are constants for
-    differentiation (as in PyTorch and Flax), so the gradient flows through ``sigma``'s dependence on ``w``.
-    A weight with fewer than 2 dims is returned unchanged with ``sigma = 1``.
+    ``w`` is viewed as a matrix with the output features on ``axis`` and everything else flattened. Each of
+    ``n_steps`` iterations sets ``v = normalize(W u)``, ``u = normalize(W^T v)``; then ``sigma = v^T W u``
+    (Flax's order). ``u`` and ``v`` are constants for differentiation (as in PyTorch and Flax), so the gradient
+    flows through ``sigma``'s dependence on ``w``. A weight with fewer than 2 dims is returned unchanged, with
+    ``sigma = 1``.
+
+    Args:
+      w: the weight.
+      u: the power iteration's vector, one entry per output feature.
+      n_steps: the iterations (0: PyTorch's eval mode, with ``torch_order``).
+      eps: added inside each normalization.
+      axis: the output-feature axis (``-1`` for Flax kernels, ``0`` for PyTorch weights, as ``spectral_norm(dim=0)``).
+      torch_order: end the iteration on ``v = normalize(W u)`` before ``sigma``, as PyTorch's ``spectral_norm``
+        (whose stored ``v`` is always that of its ``u``): training calls then equal PyTorch's.
+
+    Returns:
+      ``(w / sigma, new_u, sigma)``.
     """
     layer = "spectral_norm"
     w = check_input(w, layer, min_ndim=0, what="any rank")
@@ -81,12 +90,19 @@ def spectral_norm(
 def weight_norm(
     v: Array, scale: Array | None = None, *, feature_axes: int | Sequence[int] | None = -1, eps: float = 1e-12
 ) -> Array:
-    """``scale * v / ||v||``, the norm over every axis except ``feature_axes`` (Salimans & Kingma, 2016).
+    """Weight normalization (Salimans & Kingma, 2016): ``scale * v / ||v||``, the norm over every axis except
+    ``feature_axes``, as ``v * rsqrt(sum(v**2) + eps)`` (Flax's eps placement).
 
-    ``feature_axes=-1`` (Flax kernels: one norm per output feature), ``0`` (PyTorch's ``weight_norm(dim=0)``),
-    ``None`` or ``()`` (one norm for the whole tensor: PyTorch's ``dim=None``, Flax's ``feature_axes=None``).
-    ``scale`` has the shape of ``v`` on the feature axes (PyTorch's ``g``, squeezed; ``()`` for one norm); None
-    leaves unit-norm directions. ``eps`` as Flax's: ``v * rsqrt(sum(v**2) + eps)``.
+    Args:
+      v: the direction.
+      scale: the norm per feature, shaped as ``v`` on the feature axes (PyTorch's ``g``, squeezed; ``()`` for one
+        norm); None leaves unit-norm directions.
+      feature_axes: ``-1`` (Flax kernels: one norm per output feature), ``0`` (PyTorch's ``weight_norm(dim=0)``),
+        or None / ``()`` (one norm for the whole tensor: PyTorch's ``dim=None``, Flax's ``feature_axes=None``).
+      eps: added to the sum of squares.
+
+    Returns:
+      The normalized weight, with ``v``'s shape.
     """
     layer = "weight_norm"
     v = check_input(v, layer, min_ndim=0, what="any rank")
