@@ -55,6 +55,19 @@ def test_tutorial_group_norm_two_groups():
 # ------------------------------------------------------------------ closed-form running statistics
 
 
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_momentum_at_its_bounds_keeps_or_replaces_the_running_statistics(momentum):
+    """momentum=1 (allowed, as in PyTorch): the running statistics become the batch's, the variance unbiased;
+    momentum=0: they stay. Both count the batch."""
+    xb = np.random.default_rng(5).normal(size=(6, 3)) * 2 + 1
+    params, stats = jaxnorm.batch_norm_init(3, affine=False)
+    stats = {**stats, "mean": jnp.full(3, 7.0), "var": jnp.full(3, 9.0)}
+    _, new = jaxnorm.batch_norm(params, stats, jnp.asarray(xb), training=True, momentum=momentum)
+    want_mean, want_var = (xb.mean(0), xb.var(0, ddof=1)) if momentum else (np.full(3, 7.0), np.full(3, 9.0))
+    chex.assert_trees_all_close((new["mean"], new["var"]), (want_mean, want_var), rtol=1e-6)
+    assert int(new["count"]) == 1
+
+
 def test_momentum_none_is_cumulative_average():
     params, stats = jaxnorm.batch_norm_init(2, affine=False)
     batches = [np.random.default_rng(i).normal(size=(5, 2)) + i for i in range(4)]

@@ -94,6 +94,7 @@ def test_stateless_layers_equal_the_functional_core():
 
     for name, (got, want) in pairs(x).items():
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+    assert inn.weight is None and inn.bias is None  # PyTorch's InstanceNorm default: affine=False
     old = je.LayerNorm(3, elementwise_affine=False)  # equinox's older switch (deprecated there) still works
     assert old.weight is None and old.bias is None
     # with a state, Equinox's calling convention returns it unchanged

@@ -63,6 +63,10 @@ def test_weight_norm_is_the_normalized_direction_times_scale():
     np.testing.assert_allclose(jaxnorm.weight_norm(v, g, eps=1e-300), ref, rtol=1e-12)
     np.testing.assert_allclose(jaxnorm.weight_norm(v, None, feature_axes=None, eps=1e-300),
                                np.asarray(v) / np.linalg.norm(np.asarray(v)), rtol=1e-12)
+    # eps inside the root, as Flax's WeightNorm: v * rsqrt(sum(v**2) + eps), here of the order of sum(v**2)
+    vd = np.asarray(v)
+    want = vd / np.sqrt((vd.reshape(-1, 5) ** 2).sum(0) + 0.5) * np.asarray(g)
+    np.testing.assert_allclose(jaxnorm.weight_norm(v, g, eps=0.5), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("path", SPECTRAL, ids=lambda p: p.stem)
