@@ -20,6 +20,7 @@ myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
 autodoc_member_order = "bysource"
+napoleon_use_ivar = True  # a class's Attributes: section as fields, not as attributes autodoc documents again
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 
