@@ -457,8 +457,8 @@ class _Linen:
             return loss(_first_tensor(y))
 
         grads = jax.jit(jax.grad(objective))(self.variables["params"])
-        return _linen.flax_to_torch({"params": grads}, {p: n for p, n in names.items()
-                                                        if _has(grads, n)}, kinds=kinds)
+        with_grads = pairing.Names({p: n for p, n in names.items() if _has(grads, n)}, getattr(names, "kinds", {}))
+        return _linen.flax_to_torch({"params": grads}, with_grads, kinds=kinds)
 
 
 def _has(tree: Mapping, path: str) -> bool:
@@ -690,6 +690,8 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
     """
     torch_loss, jax_loss = _split_loss(loss)
     recording = record_torch(torch_model, inputs, loss=torch_loss, modes=modes, rename=rename)
+    if rename is None:  # the kinds a state_dict cannot tell (ConvTranspose, Embedding), from the torch model
+        kinds = {**pairing.torch_kinds(torch_model), **(kinds or {})}
     if save is not None:
         recording.save(save)
     return compare_fixture(recording, jax_model, variables=variables, state=state, names=names, kinds=kinds,

@@ -1,4 +1,5 @@
-"""PyTorch ``state_dict`` <-> Equinox models: ``eqx.nn.Linear`` / ``eqx.nn.Conv*`` weights (torch's own layout),
+"""PyTorch ``state_dict`` <-> Equinox models: ``eqx.nn.Linear``, ``eqx.nn.Conv*``, ``eqx.nn.ConvTranspose*`` and
+``eqx.nn.Embedding`` weights (torch's layouts; a ConvTranspose's as Equinox keeps it, ``(out, in, *k)`` flipped),
 the weights of jaxnorm.equinox norm layers (and of equinox's LayerNorm, GroupNorm and RMSNorm), and the running
 statistics the jaxnorm.equinox layers keep in an ``eqx.nn.State``. Updated with ``eqx.tree_at`` and
 ``eqx.nn.State.set``."""
@@ -23,8 +24,12 @@ def _kind(module: Any) -> str | None:
 
     if isinstance(module, eqx.nn.Linear):
         return "linear"
-    if isinstance(module, eqx.nn.Conv) and not isinstance(module, eqx.nn.ConvTranspose):
+    if isinstance(module, eqx.nn.ConvTranspose):
+        return "conv_transpose"
+    if isinstance(module, eqx.nn.Conv):
         return "conv"
+    if isinstance(module, eqx.nn.Embedding):
+        return "embedding"
     norms = tuple(getattr(jeqx, n) for n in jeqx.__all__) + (eqx.nn.LayerNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm)
     return "norm" if isinstance(module, norms) else None
 
@@ -81,7 +86,7 @@ def equinox_modules(model: Any, state: Any) -> tuple[dict[str, dict[str, tuple[i
 
 
 def _pair(state_dict: Mapping[str, Any], model: Any, state: Any, names: Mapping[str, str] | None,
-          kinds: Mapping[str, str] | None, lenient: bool) -> tuple[dict[str, str], dict[str, tuple[Step, ...]]]:
+          kinds: Mapping[str, str] | None, lenient: bool) -> tuple[pairing.Names, dict[str, tuple[Step, ...]]]:
     """(names, {path: steps}): the pairing, and where each paired module sits in the model."""
     if state is None and any(not isinstance(getattr(getattr(m, "state_index", None), "init", {}), Mapping)
                              for _, m, _ in walk(model)):
@@ -89,12 +94,12 @@ def _pair(state_dict: Mapping[str, Any], model: Any, state: Any, names: Mapping[
                         "after the model: derive_names(state_dict, model, state).")
     shapes, jax_kinds, steps = equinox_modules(model, state)
     return pairing.pair(pairing.torch_modules(state_dict), shapes, jax_kinds, fixed=dict(names or {}),
-                        kinds=dict(kinds or {}), style="equinox", framework="Equinox", who="derive_names",
-                        lenient=lenient), steps
+                        kinds=pairing.given_kinds(names, kinds), style="equinox", framework="Equinox",
+                        who="derive_names", lenient=lenient), steps
 
 
 def derive_equinox(state_dict: Mapping[str, Any], model: Any, state: Any, *, names: Mapping[str, str] | None,
-                   kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
+                   kinds: Mapping[str, str] | None, lenient: bool = False) -> pairing.Names:
     return _pair(state_dict, model, state, names, kinds, lenient)[0]
 
 
@@ -117,7 +122,7 @@ def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = Non
     wheres, values = [], []
     state = None if state is None else jax.tree.map(lambda a: a, state)  # a copy: State.set uses up its input
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_equinox").items():
-        kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds or {})
+        kind = names.kinds[prefix]
         pairing.check_leaves(prefix, kind, leaves, "torch_to_equinox")
         module = resolve(model, steps[names[prefix]])
         old = module_leaves(module, state)
@@ -150,7 +155,8 @@ def equinox_to_torch(model: Any, state: Any, names: Mapping[str, str], *,
         leaves = module_leaves(resolve(model, steps[path]), state)
         if state is None:
             leaves = {k: v for k, v in leaves.items() if k not in pairing.STATS}
-        kind = "norm" if (kinds or {}).get(prefix) == "norm" else jax_kinds[path]
+        given = pairing.given_kinds(names, kinds)
+        kind = pairing.resolve_kind(given.get(prefix, jax_kinds[path]), jax_kinds[path], prefix in given)
         for leaf, value in pairing.module_to_torch(kind, leaves, "equinox").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out

@@ -16,10 +16,13 @@ def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
     """Convert a PyTorch ``state_dict`` into Flax ``{"params": ..., "batch_stats": ...}`` (NumPy leaves).
 
     ``names`` maps each torch module prefix to the Flax module path ("/"-separated); :func:`derive_names` derives
-    it. ``kinds={"prefix": "norm"}`` overrides the guessed layer kind (needed for a LayerNorm or RMSNorm over 2+
-    trailing dims, whose 2-D weight looks like a Linear's).
+    it, with the kind of each module (a ConvTranspose, an Embedding), which a state_dict's shapes cannot tell from
+    a Conv or a Linear. ``kinds={"prefix": kind}`` names a module's kind by hand: ``"norm"`` for a LayerNorm or
+    RMSNorm over 2+ trailing dims (whose 2-D weight looks like a Linear's), ``"conv_transpose"`` (into Flax's
+    default ``ConvTranspose``) or ``"conv_transpose:transpose_kernel"`` (into ``ConvTranspose(transpose_kernel=
+    True)``), ``"embedding"``.
     """
-    kinds = kinds or {}
+    kinds = pairing.given_kinds(names, kinds)
     out: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_flax").items():
         kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds)
@@ -34,48 +37,43 @@ def flax_to_torch(variables: Mapping[str, Any], names: Mapping[str, str], *,
                   kinds: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     """The inverse of :func:`torch_to_flax`: Flax variables -> a ``state_dict`` of NumPy arrays.
 
-    Load it into a torch model with ``model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+    ``names`` and ``kinds`` as there (a ConvTranspose's kernel looks like a Conv's: give the names derive_names
+    returned, or ``kinds``). Load the result into a torch model with
+    ``model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
     """
-    kinds = kinds or {}
+    kinds = pairing.given_kinds(names, kinds)
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     out: dict[str, np.ndarray] = {}
     for prefix, path in names.items():
         leaves = {**(get_path(params, path) or {}), **(get_path(stats, path) or {})}
         if not leaves:
             raise KeyError(f"flax_to_torch: no variables at Flax path {path!r} (torch module {prefix!r}).")
-        kind = "norm" if "kernel" not in leaves or kinds.get(prefix) == "norm" else "linear"
+        kind = kinds.get(prefix) or pairing.flax_variables_kind({k: np.shape(v) for k, v in leaves.items()})
         for leaf, value in pairing.module_to_torch(kind, leaves, "flax").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out
 
 
-def flax_modules(model: Any, args: tuple, kwargs: dict) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{module path: {variable: shape}} for every Flax module that owns convertible variables, in declaration order.
+def flax_modules(model: Any, args: tuple, kwargs: dict) -> tuple[dict[str, dict[str, tuple[int, ...]]],
+                                                                  dict[str, str]]:
+    """``({module path: {variable: shape}}, {module path: kind})`` for every Flax module that owns convertible
+    variables, in declaration order.
 
-    Declaration order is the order of ``setup`` assignments, or of creation in a ``@compact`` method; it is read
-    from each bound module's children after tracing ``model.init``. Where that is unavailable (a Flax internals
-    change), the order of first calls is used instead.
+    Declaration order is the order of ``setup`` assignments, or of creation in a ``@compact`` method, at every
+    level: after tracing ``model.init``, the bound root's children are walked depth first (every ``setup`` has run
+    by then). A module found only by its call (none should be) comes after them, in the order of first calls.
     """
     import flax.linen as nn
     import jax
 
     called: dict[str, None] = {}
-    declared: dict[str, None] = {}
-
-    def children(module: Any, prefix: str) -> None:
-        for name, child in getattr(getattr(module, "_state", None), "children", {}).items():
-            if isinstance(child, nn.Module):
-                path = f"{prefix}/{name}" if prefix else str(name)
-                declared.setdefault(path, None)
-                children(child, path)
+    roots: list[Any] = []
 
     def record(next_fun, call_args, call_kwargs, context):
         called.setdefault("/".join(context.module.path), None)
-        out = next_fun(*call_args, **call_kwargs)
-        if not context.module.path and not declared:  # the root's first call has created every module
-            declared[""] = None
-            children(context.module, "")
-        return out
+        if not context.module.path and not roots:
+            roots.append(context.module)
+        return next_fun(*call_args, **call_kwargs)
 
     kwargs = dict(kwargs)
     rngs = kwargs.pop("rngs", jax.random.key(0))  # e.g. rngs={"params": key, "dropout": key} for dropout
@@ -85,6 +83,16 @@ def flax_modules(model: Any, args: tuple, kwargs: dict) -> dict[str, dict[str, t
             return model.init(rngs, *args, **kwargs)
 
     shapes = jax.eval_shape(init)  # traces only: nothing is computed
+    declared: dict[str, Any] = {"": roots[0] if roots else model}
+
+    def children(module: Any, prefix: str) -> None:
+        for name, child in getattr(getattr(module, "_state", None), "children", {}).items():
+            if isinstance(child, nn.Module):
+                path = f"{prefix}/{name}" if prefix else str(name)
+                declared.setdefault(path, child)
+                children(child, path)
+
+    children(declared[""], "")
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for path in [*declared, *(p for p in called if p not in declared)]:
         for collection in shapes.values():
@@ -94,19 +102,24 @@ def flax_modules(model: Any, args: tuple, kwargs: dict) -> dict[str, dict[str, t
                     if not isinstance(leaf, Mapping):
                         modules.setdefault(path, {})[name] = tuple(leaf.shape)
     # modules with variables interop does not convert (e.g. a bare layer-scale parameter) are the user's to map
-    return {p: v for p, v in modules.items() if {"kernel", "scale", "bias", "mean", "var"} & set(v)}
+    modules = {p: v for p, v in modules.items() if {"kernel", "embedding", "scale", "bias", "mean", "var"} & set(v)}
+    return modules, {p: _kind(declared.get(p), v) for p, v in modules.items()}
 
 
-def flax_kind(variables: Mapping[str, tuple[int, ...]]) -> str:
-    if "kernel" in variables:
-        return "linear" if len(variables["kernel"]) == 2 else "conv"
-    return "norm"
+def _kind(module: Any, variables: Mapping[str, tuple[int, ...]]) -> str:
+    """A Flax module's kind: a ConvTranspose or an Embed from its type, the rest from its variables."""
+    import flax.linen as nn
+
+    if isinstance(module, nn.ConvTranspose):
+        return pairing.FLAX_TRANSPOSED if module.transpose_kernel else "conv_transpose"
+    if isinstance(module, nn.Embed):
+        return "embedding"
+    return pairing.flax_variables_kind(variables)
 
 
 def derive_linen(state_dict: Mapping[str, Any], model: Any, args: tuple, init_kwargs: dict, *,
                  names: Mapping[str, str] | None, kinds: Mapping[str, str] | None,
-                 lenient: bool = False) -> dict[str, str]:
-    modules = flax_modules(model, args, init_kwargs)
-    return pairing.pair(pairing.torch_modules(state_dict), modules, {p: flax_kind(v) for p, v in modules.items()},
-                        fixed=dict(names or {}), kinds=dict(kinds or {}), style="flax", framework="Flax",
-                        who="derive_names", lenient=lenient)
+                 lenient: bool = False) -> pairing.Names:
+    modules, jax_kinds = flax_modules(model, args, init_kwargs)
+    return pairing.pair(pairing.torch_modules(state_dict), modules, jax_kinds, fixed=dict(names or {}),
+                        kinds=dict(kinds or {}), style="flax", framework="Flax", who="derive_names", lenient=lenient)

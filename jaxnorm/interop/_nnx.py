@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxnorm.interop import _pairing as pairing
 
-_CONVERTIBLE = {"kernel", "scale", "bias", "mean", "var"}
+_CONVERTIBLE = {"kernel", "embedding", "scale", "bias", "mean", "var"}
 
 
 def _child(parent: Any, key: Any) -> Any:
@@ -57,20 +57,33 @@ def nnx_modules(model: Any) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict
             {path_name(p): p for p in leaves})
 
 
-def _kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    return "norm" if "kernel" not in shapes else "linear" if len(shapes["kernel"]) == 2 else "conv"
+def module_kinds(model: Any, modules: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str, str]:
+    """{path: kind} of the modules: a ConvTranspose or an Embed from its type, the rest from its variables."""
+    from flax import nnx
+
+    objects = {path_name(p): m for p, m in nnx.iter_modules(model)}
+
+    def kind(path: str) -> str:
+        module = objects.get(path)
+        if isinstance(module, nnx.ConvTranspose):
+            return pairing.FLAX_TRANSPOSED if module.transpose_kernel else "conv_transpose"
+        if isinstance(module, nnx.Embed):
+            return "embedding"
+        return pairing.flax_variables_kind(modules[path])
+
+    return {p: kind(p) for p in modules}
 
 
-def _pair(state_dict: Mapping[str, Any], modules: Mapping[str, Mapping[str, tuple[int, ...]]],
-          names: Mapping[str, str] | None, kinds: Mapping[str, str] | None, lenient: bool) -> dict[str, str]:
-    return pairing.pair(pairing.torch_modules(state_dict), modules, {p: _kind(v) for p, v in modules.items()},
-                        fixed=dict(names or {}), kinds=dict(kinds or {}), style="flax", framework="NNX",
-                        who="derive_names", lenient=lenient)
+def _pair(state_dict: Mapping[str, Any], model: Any, modules: Mapping[str, Mapping[str, tuple[int, ...]]],
+          names: Mapping[str, str] | None, kinds: Mapping[str, str] | None, lenient: bool) -> pairing.Names:
+    return pairing.pair(pairing.torch_modules(state_dict), modules, module_kinds(model, modules),
+                        fixed=dict(names or {}), kinds=pairing.given_kinds(names, kinds), style="flax",
+                        framework="NNX", who="derive_names", lenient=lenient)
 
 
 def derive_nnx(state_dict: Mapping[str, Any], model: Any, *, names: Mapping[str, str] | None,
-               kinds: Mapping[str, str] | None, lenient: bool = False) -> dict[str, str]:
-    return _pair(state_dict, nnx_modules(model)[0], names, kinds, lenient)
+               kinds: Mapping[str, str] | None, lenient: bool = False) -> pairing.Names:
+    return _pair(state_dict, model, nnx_modules(model)[0], names, kinds, lenient)
 
 
 def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, str] | None = None, *,
@@ -84,11 +97,11 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, 
     from flax import nnx
 
     modules, tuples = nnx_modules(model)
-    names = _pair(state_dict, modules, names, kinds, lenient=False)
+    names = _pair(state_dict, model, modules, names, kinds, lenient=False)
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     pure = nnx.to_pure_dict(state)
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_nnx").items():
-        kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds or {})
+        kind = names.kinds[prefix]
         pairing.check_leaves(prefix, kind, leaves, "torch_to_nnx")
         node = pure
         for step in tuples[names[prefix]]:
@@ -117,13 +130,15 @@ def nnx_to_torch(model: Any, names: Mapping[str, str], *, kinds: Mapping[str, st
     NumPy arrays, for the modules ``names`` maps. ``state`` (an ``nnx.State`` of the model's parameters, e.g. the
     gradients ``nnx.grad`` returns) is converted in place of the model's own values."""
     leaves = {path_name(p): v for p, v in state_leaves(model, state).items()}
+    shapes = {p: {k: tuple(np.shape(v)) for k, v in vs.items()} for p, vs in leaves.items()}
+    jax_kinds, given = module_kinds(model, shapes), pairing.given_kinds(names, kinds)
     out: dict[str, np.ndarray] = {}
     for prefix, path in names.items():
         if path not in leaves:
             if state is not None:
                 continue  # e.g. a gradient state: a module without parameters has none
             raise KeyError(f"nnx_to_torch: no convertible variables at NNX path {path!r} (torch module {prefix!r}).")
-        kind = "norm" if "kernel" not in leaves[path] or (kinds or {}).get(prefix) == "norm" else "linear"
+        kind = pairing.resolve_kind(given.get(prefix, jax_kinds[path]), jax_kinds[path], prefix in given)
         for leaf, value in pairing.module_to_torch(kind, leaves[path], "flax").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out

@@ -2,9 +2,13 @@
 its leaves, and the pairing of torch modules with JAX modules by order, with the checks that name the first
 module that does not match.
 
-Two leaf styles: ``"flax"`` (linen and NNX: ``kernel`` as ``(in, out)`` or ``(*k, in, out)``, ``scale``) and
-``"equinox"`` (torch's own layouts and names: ``weight`` as ``(out, in)`` or ``(out, in, *k)``, a conv bias of shape
-``(out, 1, ..., 1)``). Running statistics are ``mean``/``var``/``count`` in both.
+Two leaf styles: ``"flax"`` (linen and NNX: ``kernel`` as ``(in, out)`` or ``(*k, in, out)``, ``scale``,
+``embedding``) and ``"equinox"`` (torch's own layouts and names: ``weight`` as ``(out, in)`` or ``(out, in, *k)``,
+a conv bias of shape ``(out, 1, ..., 1)``). Running statistics are ``mean``/``var``/``count`` in both.
+
+A state_dict's shapes cannot tell a ``ConvTranspose`` weight ``(in, out, *k)`` from a ``Conv`` weight
+``(out, in, *k)``, nor an ``Embedding`` from a ``Linear``: the JAX module that a torch module pairs with says which
+it is (a Flax ``ConvTranspose`` or ``Embed``, an Equinox ``ConvTranspose`` or ``Embedding``), or ``kinds=`` does.
 """
 
 from __future__ import annotations
@@ -14,10 +18,54 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("norm", "linear", "conv")
+FLAX_TRANSPOSED = "conv_transpose:transpose_kernel"  # Flax's ConvTranspose(transpose_kernel=True)
+KINDS = ("norm", "linear", "conv", "conv_transpose", "embedding", FLAX_TRANSPOSED)
+# the kinds a state_dict's shapes read as another: the JAX module (or kinds=) decides
+LOOKS_LIKE = {"conv_transpose": "conv", FLAX_TRANSPOSED: "conv", "embedding": "linear"}
 STATS = ("mean", "var", "count")  # the JAX names that are running statistics, not parameters
 _NORM_JAX = {"flax": {"weight": "scale", "bias": "bias"}, "equinox": {"weight": "weight", "bias": "bias"}}
 _RUNNING = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "count"}
+
+
+class Names(dict):
+    """``{torch module prefix: JAX module path}``, as :func:`derive_names` returns it: a dict that also carries
+    ``kinds``, the kind each pair was checked as (a ConvTranspose or an Embedding, which a state_dict's shapes do
+    not tell apart), so the converters it is passed to convert each module as it was paired."""
+
+    def __init__(self, pairs: Mapping[str, str] | None = None, kinds: Mapping[str, str] | None = None):
+        super().__init__(pairs or {})
+        self.kinds = dict(kinds or {})
+
+
+def given_kinds(names: Mapping[str, str] | None, kinds: Mapping[str, str] | None) -> dict[str, str]:
+    """The kinds a conversion knows before looking at shapes: ``names.kinds`` (derive_names'), then ``kinds=``."""
+    return {**getattr(names, "kinds", {}), **(kinds or {})}
+
+
+def flax_variables_kind(variables: Mapping[str, tuple[int, ...]]) -> str:
+    """A Flax module's kind from its variables alone (a ConvTranspose reads as a conv: the module says which)."""
+    if "embedding" in variables:
+        return "embedding"
+    if "kernel" in variables:
+        return "linear" if len(variables["kernel"]) == 2 else "conv"
+    return "norm"
+
+
+def torch_kinds(model: Any) -> dict[str, str]:
+    """``{prefix: kind}`` for the modules of a torch model whose kind its state_dict's shapes cannot tell: each
+    ``ConvTranspose1d/2d/3d`` (``"conv_transpose"``) and ``Embedding`` (``"embedding"``). Pass it as ``kinds=`` to
+    :func:`derive_names` or a converter: a torch ConvTranspose paired with a JAX Conv is then refused, not
+    converted as a conv."""
+    import torch
+
+    transposed = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, transposed):
+            out[prefix] = "conv_transpose"
+        elif isinstance(module, torch.nn.Embedding):
+            out[prefix] = "embedding"
+    return out
 
 
 def norm_names(style: str) -> dict[str, str]:
@@ -56,7 +104,7 @@ def group(state_dict: Mapping[str, Any], names: Mapping[str, str], who: str) -> 
 
 
 def torch_kind(prefix: str, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str]) -> str:
-    """norm, linear or conv, from ``kinds`` or from the shapes of the module's leaves."""
+    """norm, linear or conv from the shapes of the module's leaves, unless ``kinds`` names the module's kind."""
     if prefix in kinds:
         if kinds[prefix] not in KINDS:
             raise ValueError(f"kinds[{prefix!r}] must be one of {KINDS}, got {kinds[prefix]!r}.")
@@ -65,6 +113,16 @@ def torch_kind(prefix: str, shapes: Mapping[str, tuple[int, ...]], kinds: Mappin
     if "running_mean" in shapes or weight_ndim is None or weight_ndim == 1:
         return "norm"
     return "linear" if weight_ndim == 2 else "conv"
+
+
+def resolve_kind(kind: str, jax_kind: str, given: bool) -> str:
+    """The kind a torch module converts as, paired with a JAX module of ``jax_kind``: where the state_dict's shapes
+    cannot tell (``LOOKS_LIKE``), or ``kinds=`` named the ConvTranspose without Flax's variant, the JAX module's."""
+    if not given and LOOKS_LIKE.get(jax_kind) == kind:
+        return jax_kind
+    if kind.split(":")[0] == jax_kind.split(":")[0]:
+        return jax_kind
+    return kind
 
 
 def _known(kind: str) -> set[str]:
@@ -84,17 +142,50 @@ def _conv_bias_shape(out: int, weight_ndim: int) -> tuple[int, ...]:
     return (out, *(1,) * (weight_ndim - 2))
 
 
+def _weight_layout(kind: str, ndim: int, style: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(axes, flipped)``: the JAX weight is ``np.transpose(torch_weight, axes)`` with its ``flipped`` axes
+    reversed. torch keeps ``(out, in)`` (Linear, Embedding: ``(num, features)``), ``(out, in, *k)`` (Conv) and
+    ``(in, out, *k)`` (ConvTranspose, the gradient of a conv); a ConvTranspose as a forward conv over the dilated
+    input has its kernel flipped in space (Flax's default, and Equinox's)."""
+    k = tuple(range(2, ndim))
+    if kind == "embedding" or (style == "equinox" and not kind.startswith("conv_transpose")):
+        return tuple(range(ndim)), ()
+    if style == "equinox":  # ConvTranspose: (out, in, *k), flipped
+        return (1, 0, *k), k
+    if kind == "linear":
+        return (1, 0), ()
+    if kind == "conv_transpose":  # Flax's ConvTranspose(transpose_kernel=False): (*k, in, out), flipped
+        return (*k, 0, 1), tuple(range(ndim - 2))
+    return (*k, 1, 0), ()  # conv, and Flax's ConvTranspose(transpose_kernel=True): (*k, out, in)
+
+
+def _to_jax_weight(kind: str, value: np.ndarray, style: str) -> np.ndarray:
+    axes, flipped = _weight_layout(kind, value.ndim, style)
+    return np.ascontiguousarray(np.flip(np.transpose(value, axes), flipped))
+
+
+def _to_torch_weight(kind: str, value: np.ndarray, style: str) -> np.ndarray:
+    axes, flipped = _weight_layout(kind, value.ndim, style)
+    return np.ascontiguousarray(np.transpose(np.flip(value, flipped), np.argsort(axes)))
+
+
+def _weight_name(kind: str, style: str) -> str:
+    if style == "equinox":
+        return "weight"
+    return "embedding" if kind == "embedding" else "kernel"
+
+
 def converted_shapes(kind: str, leaves: Mapping[str, tuple[int, ...]], style: str) -> dict[str, tuple[int, ...]]:
     """The JAX leaf shapes a torch module of ``kind`` converts to (as :func:`module_to_jax` converts them)."""
     out = {}
     for leaf, shape in leaves.items():
         if kind == "norm":
             out[norm_names(style).get(leaf, leaf)] = shape
-        elif style == "equinox":
-            conv_bias = kind == "conv" and leaf == "bias" and "weight" in leaves
-            out[leaf] = _conv_bias_shape(shape[0], len(leaves["weight"])) if conv_bias else shape
         elif leaf == "weight":
-            out["kernel"] = shape[::-1] if kind == "linear" else (*shape[2:], shape[1], shape[0])
+            axes, _ = _weight_layout(kind, len(shape), style)
+            out[_weight_name(kind, style)] = tuple(shape[a] for a in axes)
+        elif leaf == "bias" and style == "equinox" and kind.startswith("conv") and "weight" in leaves:
+            out[leaf] = _conv_bias_shape(shape[0], len(leaves["weight"]))
         else:
             out[leaf] = shape
     return out
@@ -107,12 +198,10 @@ def module_to_jax(kind: str, leaves: Mapping[str, np.ndarray], style: str) -> di
         if kind == "norm":
             name = norm_names(style)[leaf]
             out[name] = value.astype(np.int32) if name == "count" else value
-        elif style == "equinox":
-            conv_bias = kind == "conv" and leaf == "bias" and "weight" in leaves
-            out[leaf] = value.reshape(_conv_bias_shape(value.shape[0], leaves["weight"].ndim)) if conv_bias else value
         elif leaf == "weight":
-            kernel = value.T if kind == "linear" else np.transpose(value, (*range(2, value.ndim), 1, 0))
-            out["kernel"] = np.ascontiguousarray(kernel)
+            out[_weight_name(kind, style)] = _to_jax_weight(kind, value, style)
+        elif leaf == "bias" and style == "equinox" and kind.startswith("conv") and "weight" in leaves:
+            out[leaf] = value.reshape(_conv_bias_shape(value.shape[0], leaves["weight"].ndim))
         else:
             out[leaf] = value
     return out
@@ -126,10 +215,8 @@ def module_to_torch(kind: str, leaves: Mapping[str, Any], style: str) -> dict[st
         value = np.asarray(value)
         if kind == "norm":
             out[reverse[name]] = value.astype(np.int64) if name == "count" else value
-        elif name == "kernel":
-            out["weight"] = np.ascontiguousarray(
-                value.T if value.ndim == 2 else np.transpose(value, (value.ndim - 1, value.ndim - 2,
-                                                                     *range(value.ndim - 2))))
+        elif name == _weight_name(kind, style):
+            out["weight"] = _to_torch_weight(kind, value, style)
         elif name == "bias" and style == "equinox":
             out["bias"] = value.reshape(-1)
         else:
@@ -140,11 +227,12 @@ def module_to_torch(kind: str, leaves: Mapping[str, Any], style: str) -> dict[st
 
 def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapping[str, Mapping[str, tuple]],
          jax_kinds: Mapping[str, str], *, fixed: Mapping[str, str], kinds: Mapping[str, str], style: str,
-         framework: str, who: str, lenient: bool = False) -> dict[str, str]:
+         framework: str, who: str, lenient: bool = False) -> Names:
     """torch prefix -> JAX path: ``fixed`` as given, the rest by order, each pair checked in kind and shapes.
 
     ``jax_mods`` lists the JAX modules that hold convertible leaves, in declaration order, with each leaf's shape;
-    ``jax_kinds`` says which kind each one is. ``lenient`` (for ``compare``) lets a JAX norm layer keep no
+    ``jax_kinds`` says which kind each one is; the result carries the kind each pair converts as
+    (``resolve_kind``). ``lenient`` (for ``compare``) lets a JAX norm layer keep no
     ``count``, which compare reports as a difference instead of refusing to pair, and leaves out the torch modules
     that hold nothing interop converts (e.g. ConvNeXt's layer scale), whose values the user moves by hand.
     """
@@ -158,10 +246,12 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
     torch_rest = [p for p in torch_mods if p not in fixed and convertible(p)]
     used = set(fixed.values())
     jax_rest = [p for p in jax_mods if p not in used]
-    out = dict(fixed)
+    resolved = {p: resolve_kind(torch_kind(p, torch_mods[p], kinds), jax_kinds[path], p in kinds)
+                for p, path in fixed.items()}
+    out, pair_kinds = dict(fixed), {}
     for i, (prefix, path) in enumerate(zip(torch_rest, jax_rest, strict=False)):
         leaves, target, jax_kind = torch_mods[prefix], dict(jax_mods[path]), jax_kinds[path]
-        kind = torch_kind(prefix, leaves, kinds)
+        kind = resolve_kind(torch_kind(prefix, leaves, kinds), jax_kind, prefix in kinds)
         try:
             check_leaves(prefix, kind, leaves, who)
         except KeyError as error:
@@ -171,9 +261,13 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
         if lenient and "count" in converted and "count" not in target:
             target["count"] = converted["count"]
         if kind != jax_kind:
-            problem = f"it is a {kind} layer, the {framework} module a {jax_kind} layer"
+            article = lambda k: "an" if k[0] in "aeiou" else "a"
+            problem = f"it is {article(kind)} {kind} layer, the {framework} module {article(jax_kind)} {jax_kind} layer"
             if kind == "linear" and jax_kind == "norm":
                 problem += f" (for a LayerNorm or RMSNorm over 2+ trailing dims pass kinds={{{prefix!r}: 'norm'}})"
+            elif kind.startswith("conv_transpose") or jax_kind.startswith("conv_transpose"):
+                problem += (" (a torch ConvTranspose pairs with a Flax or NNX ConvTranspose, either transpose_kernel "
+                            "setting, or an Equinox ConvTranspose; a torch Conv with a Conv)")
         elif converted != target:
             problem = f"it converts to {converted}, the {framework} module holds {target}"
             if {k: v for k, v in converted.items() if k != "count"} == target:
@@ -185,6 +279,7 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
                 f"match {framework} module {path!r}: {problem}. Declare the {framework} modules in the PyTorch "
                 f"order, or map this one by hand: names={{{prefix!r}: '{framework}/path'}}.")
         out[prefix] = path
+        pair_kinds[prefix] = kind
     if len(torch_rest) != len(jax_rest):
         side, extra = (("torch", torch_rest[len(jax_rest):]) if len(torch_rest) > len(jax_rest)
                        else (framework, jax_rest[len(torch_rest):]))
@@ -192,4 +287,4 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
             f"{who}: {len(torch_rest)} torch modules but {len(jax_rest)} {framework} modules to pair by order; the "
             f"first {side} module left without a partner is {extra[0]!r}. Add the missing module, or map it by "
             "hand with names=.")
-    return out
+    return Names(out, {**resolved, **pair_kinds})
