@@ -141,9 +141,11 @@ def test_derive_names_errors():
         interop.derive_names({**sd, "head.weight": np.zeros((2, 5))}, model, X, train=False)
     with pytest.raises(ValueError, match=r"first Flax module left without a partner is 'Dense_1'"):
         interop.derive_names({k: v for k, v in sd.items() if not k.startswith("fc2")}, model, X, train=False)
-    with pytest.raises(ValueError, match=r"'attn' holds \['in_proj_weight'\], which interop does not convert.*"
-                                         r"'self_attn.in_proj.weight'"):
+    with pytest.raises(ValueError, match=r"'attn' looks like a MultiheadAttention but holds \['in_proj_weight'\].*"
+                                         r"out_proj.weight"):
         interop.derive_names({"attn.in_proj_weight": np.zeros((3, 3)), **sd}, model, X, train=False)
+    with pytest.raises(ValueError, match=r"'conv1' holds \['layer_scale'\], which interop does not convert"):
+        interop.derive_names({**sd, "conv1.layer_scale": np.zeros(8)}, model, X, train=False)
     with pytest.raises(ValueError, match=r"'bn' .*the Flax module keeps no count.*drop the num_batches_tracked"):
         interop.derive_names(sd, nn.Sequential([nn.Conv(8, (3, 3), padding=1), nn.BatchNorm(True)]), X)
     with pytest.raises(ValueError, match=r"Flax path 'Dense_7', which is not a module with variables"):

@@ -193,3 +193,240 @@ def test_derive_names_follows_declaration_order_at_every_level(outer_setup, inne
           for m in ("head", "inner.b", "inner.a") for leaf in ("weight", "bias")}
     names = interop.derive_names(sd, _outer(inner_cls, outer_setup), jnp.ones((1, 4)))
     assert dict(names) == {"head": "head", "inner.b": "inner/b", "inner.a": "inner/a"}
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+E, HEADS = 8, 2
+
+
+class TorchAttention(torch.nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+        self.head = torch.nn.Linear(E, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):  # x: (N, L, E)
+        h = x if self.batch_first else x.transpose(0, 1)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h if self.batch_first else h.transpose(0, 1))
+
+
+class LinenAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.MultiHeadDotProductAttention(num_heads=HEADS)(x)
+        return nn.Dense(3)(h)
+
+
+class NNXAttention(nnx.Module):
+    def __init__(self):
+        self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=E, decode=False, rngs=nnx.Rngs(0))
+        self.head = nnx.Linear(E, 3, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.head(self.attn(x))
+
+
+class EquinoxAttention(eqx.Module):
+    attn: eqx.nn.MultiheadAttention
+    head: eqx.nn.Linear
+
+    def __init__(self):
+        k1, k2 = jax.random.split(jax.random.key(0))
+        self.attn = eqx.nn.MultiheadAttention(HEADS, E, use_query_bias=True, use_key_bias=True,
+                                              use_value_bias=True, use_output_bias=True, key=k1)
+        self.head = eqx.nn.Linear(E, 3, key=k2)
+
+    def __call__(self, x):  # one example (L, E)
+        return jax.vmap(self.head)(self.attn(x, x, x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_multihead_attention_into_each_frameworks_attention(framework, batch_first):
+    """q/k/v split from in_proj, the output projection and every bias; batch_first changes the call, not the
+    weights. Both directions exact."""
+    torch.manual_seed(1)
+    net = TorchAttention(batch_first).eval()
+    for p in net.parameters():  # torch zero-initializes the attention's biases: make them count
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        want = net(x).numpy()
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    xj = jnp.asarray(x.numpy())
+    if framework == "linen":
+        model = LinenAttention()
+        names = interop.derive_names(sd, model, xj)
+        assert dict(names) == {"attn": "MultiHeadDotProductAttention_0", "head": "Dense_0"}
+        variables = interop.torch_to_flax(sd, names)
+        got, back = model.apply(variables, xj), interop.flax_to_torch(variables, names)
+    elif framework == "nnx":
+        model = interop.torch_to_nnx(sd, NNXAttention())
+        got, back = model(xj), interop.nnx_to_torch(model, interop.derive_names(sd, model))
+    else:
+        model, _ = interop.torch_to_equinox(sd, EquinoxAttention())
+        got, back = jax.vmap(model)(xj), interop.equinox_to_torch(model, None, interop.derive_names(sd, model))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _exact(back, sd)
+
+
+def test_attention_with_its_own_key_and_value_sizes_round_trips():
+    """kdim/vdim != embed_dim: torch keeps q/k/v_proj_weight apart, and so does the way back."""
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(E, HEADS, kdim=6, vdim=4, batch_first=True).eval()
+    for p in mha.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    q, k, v = torch.randn(2, 5, E), torch.randn(2, 3, 6), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        want = mha(q, k, v, need_weights=False)[0].numpy()
+    sd = {f"attn.{k_}": t.numpy() for k_, t in mha.state_dict().items()}
+
+    class Cross(nn.Module):
+        @nn.compact
+        def __call__(self, q, k, v):
+            return nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(q, k, v)
+
+    args = [jnp.asarray(t.numpy()) for t in (q, k, v)]
+    names = interop.derive_names(sd, Cross(), *args)
+    variables = interop.torch_to_flax(sd, names)
+    np.testing.assert_allclose(Cross().apply(variables, *args), want, rtol=1e-5, atol=1e-5)
+    _exact(interop.flax_to_torch(variables, names), sd)
+
+
+# ------------------------------------------------------------------------------------------ bare parameters
+
+
+class TorchTokens(torch.nn.Module):
+    """A ViT's bare parameters: a class token on the root, a position embedding on a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_token = torch.nn.Parameter(torch.randn(1, 1, E))
+        self.encoder = torch.nn.Module()
+        self.encoder.pos_embedding = torch.nn.Parameter(torch.randn(1, 4, E))
+        self.encoder.norm = torch.nn.LayerNorm(E)
+        self.head = torch.nn.Linear(E, 3)
+
+    def forward(self, x):  # x: (N, 3, E)
+        h = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.encoder.pos_embedding
+        return self.head(self.encoder.norm(h)[:, 0])
+
+
+class LinenEncoder(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        h = h + self.param("pos_embedding", nn.initializers.zeros, (1, 4, E))
+        return nn.LayerNorm(epsilon=1e-5, name="norm")(h)
+
+
+class LinenTokens(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        token = self.param("class_token", nn.initializers.zeros, (1, 1, E))
+        h = LinenEncoder(name="encoder")(jnp.concatenate([jnp.broadcast_to(token, (x.shape[0], 1, E)), x], 1))
+        return nn.Dense(3, name="head")(h[:, 0])
+
+
+class NNXEncoder(nnx.Module):
+    def __init__(self):
+        self.pos_embedding = nnx.Param(jnp.zeros((1, 4, E)))
+        self.norm = nnx.LayerNorm(E, epsilon=1e-5, rngs=nnx.Rngs(0))
+
+
+class NNXTokens(nnx.Module):
+    def __init__(self):
+        self.class_token = nnx.Param(jnp.zeros((1, 1, E)))
+        self.encoder = NNXEncoder()
+        self.head = nnx.Linear(E, 3, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        token = jnp.broadcast_to(self.class_token[...], (x.shape[0], 1, E))
+        h = jnp.concatenate([token, x], 1) + self.encoder.pos_embedding[...]
+        return self.head(self.encoder.norm(h)[:, 0])
+
+
+class EquinoxEncoder(eqx.Module):
+    pos_embedding: jax.Array
+    norm: eqx.nn.LayerNorm
+
+    def __init__(self):
+        self.pos_embedding, self.norm = jnp.zeros((1, 4, E)), eqx.nn.LayerNorm(E)
+
+
+class EquinoxTokens(eqx.Module):
+    class_token: jax.Array
+    encoder: EquinoxEncoder
+    head: eqx.nn.Linear
+
+    def __init__(self):
+        self.class_token, self.encoder = jnp.zeros((1, 1, E)), EquinoxEncoder()
+        self.head = eqx.nn.Linear(E, 3, key=jax.random.key(0))
+
+    def __call__(self, x):  # one example (3, E)
+        h = jnp.concatenate([self.class_token[0], x], 0) + self.encoder.pos_embedding[0]
+        return self.head(self.encoder.norm(h[0]))
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_bare_parameters_on_the_root_and_on_submodules(framework):
+    torch.manual_seed(3)
+    net = TorchTokens().eval()
+    x = torch.randn(2, 3, E)
+    with torch.no_grad():
+        want = net(x).numpy()
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    assert list(sd)[:2] == ["class_token", "encoder.pos_embedding"]
+    xj = jnp.asarray(x.numpy())
+    if framework == "linen":
+        names = interop.derive_names(sd, LinenTokens(), xj)
+        assert dict(names) == {"": "", "encoder": "encoder", "encoder.norm": "encoder/norm", "head": "head"}
+        variables = interop.torch_to_flax(sd, names)
+        got, back = LinenTokens().apply(variables, xj), interop.flax_to_torch(variables, names)
+    elif framework == "nnx":
+        model = interop.torch_to_nnx(sd, NNXTokens())
+        got, back = model(xj), interop.nnx_to_torch(model, interop.derive_names(sd, model))
+    else:
+        model, _ = interop.torch_to_equinox(sd, EquinoxTokens())
+        got, back = jax.vmap(model)(xj), interop.equinox_to_torch(model, None, interop.derive_names(sd, model))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _exact(back, sd)
+
+
+def test_bare_parameters_pair_by_name():
+    sd = {"cls": np.zeros((1, 1, E), np.float32), "head.weight": np.zeros((3, E), np.float32),
+          "head.bias": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match=r"torch module '' .*converts to \{'cls': \(1, 1, 8\)\}, the Flax module "
+                                         r"holds \{'class_token': \(1, 1, 8\)\}.*pair by name"):
+        interop.derive_names(sd, LinenTokens(), jnp.zeros((2, 3, E)))
+
+
+# ------------------------------------------------------------------------------------------ compare's options
+
+
+def test_compare_options_match_module_prefixes_and_leave_token_arrays_alone():
+    from jaxnorm.interop._compare import _by_prefix, _layout_fn, _renamed
+
+    table = {"encoder": 1, "encoder.layers.0": 2}
+    assert [_by_prefix(table, p, 0) for p in ("encoder.layers.0.ln", "encoder.layers.01", "encoder", "encoders")] \
+        == [2, 1, 1, 0]
+    last = _layout_fn("channels_last")
+    assert last(np.zeros((2, 5, 8))).shape == (2, 5, 8)  # tokens (N, L, D): not an image
+    assert last(np.zeros((2, 3, 4, 5))).shape == (2, 4, 5, 3)
+    qkv = np.arange(12.0).reshape(6, 2)
+    out = _renamed({"qkv.weight": qkv, "drop.me": 1, "keep": 2},
+                   {"qkv.weight": ("q.weight", "k.weight", "v.weight"), "drop.me": None})
+    assert list(out) == ["q.weight", "k.weight", "v.weight", "keep"]
+    np.testing.assert_array_equal(out["k.weight"], qkv[2:4])
+
+
+def test_a_module_torch_never_called_ranks_after_the_modules_that_ran():
+    from jaxnorm.interop import Report, Row
+
+    row = lambda module, quantity, mode="train": Row(module, module, mode, quantity, 1.0, 1.0, 0.0, 0.0, False)
+    report = Report([row("never_called", "grad weight"), row("head", "grad weight"), row("encoder", "grad weight")],
+                    order=["encoder", "head"], framework="linen", isolated=False, names={})
+    # gradients in backward order (head before encoder), the module that never ran last
+    assert [r.module for r in report.failures] == ["head", "encoder", "never_called"]

@@ -37,19 +37,14 @@ TRANSFORMER_RENAME = {f"self_attn.in_proj_{leaf}": f"self_attn.in_proj.{leaf}" f
 
 
 class _NNX:
-    """The NNX side of a port; running it works on copies (nnx.clone). ``layer_scales`` maps torch keys interop
-    does not convert (ConvNeXt's layer scale) to the NNX attribute path the test moves them to by hand."""
+    """The NNX side of a port; running it works on copies (nnx.clone)."""
 
-    def __init__(self, model, layer_scales=()):
-        self.model, self.layer_scales = model, dict(layer_scales)
+    def __init__(self, model):
+        self.model = model
 
     def load(self, sd):
-        sd = dict(sd)
-        scales = {k: sd.pop(k) for k in self.layer_scales}
         names = interop.derive_names(sd, self.model)
         interop.torch_to_nnx(sd, self.model, names)
-        for key, (module, attribute) in self.layer_scales.items():
-            getattr(getattr(self.model, module), attribute)[...] = jnp.asarray(scales[key]).reshape(-1)
         return names
 
     def back(self, names):
@@ -69,27 +64,18 @@ class _NNX:
             return loss_of(out), out
 
         (value, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-        scale_grads = {key: np.asarray(grads[module][attribute][...])
-                       for key, (module, attribute) in self.layer_scales.items()}
-        return out, value, interop.nnx_to_torch(model, names, state=grads), interop.nnx_to_torch(model, names), \
-            scale_grads
+        return out, value, interop.nnx_to_torch(model, names, state=grads), interop.nnx_to_torch(model, names)
 
 
 class _Equinox:
-    def __init__(self, model, stateful, layer_scales=()):
+    def __init__(self, model, stateful):
         # equinox's layers are float64 when x64 is on (as in these tests); torch's model is float32
         model = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, model)
         self.model, self.state = (eqx.nn.make_with_state(lambda: model)() if stateful else (model, None))
-        self.layer_scales = dict(layer_scales)  # torch key -> function model -> the layer-scale array
 
     def load(self, sd):
-        sd = dict(sd)
-        scales = [jnp.asarray(sd.pop(k)) for k in self.layer_scales]
         names = interop.derive_names(sd, self.model, *([self.state] if self.state is not None else []))
         self.model, self.state = interop.torch_to_equinox(sd, self.model, self.state, names)
-        if self.layer_scales:
-            wheres = list(self.layer_scales.values())
-            self.model = eqx.tree_at(lambda m: [w(m) for w in wheres], self.model, scales)
         return names
 
     def back(self, names):
@@ -110,9 +96,8 @@ class _Equinox:
             return loss_of(out), (out, state)
 
         (value, (out, state)), grads = loss(eqx.nn.inference_mode(self.model, value=False))
-        scale_grads = {k: np.asarray(w(grads)) for k, w in self.layer_scales.items()}
         stats = interop.equinox_to_torch(self.model, state, names) if state is not None else {}
-        return out, value, interop.equinox_to_torch(grads, None, names), stats, scale_grads
+        return out, value, interop.equinox_to_torch(grads, None, names), stats
 
 
 def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=None, compare=None):
@@ -125,7 +110,7 @@ def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=No
     names = port.load(sd)
     back = port.back(names)
     converted = {k: v for k, v in sd.items() if k.rpartition(".")[0] in names}
-    assert set(back) == set(converted) == {k for k in sd if k not in port.layer_scales}, set(back) ^ set(converted)
+    assert set(back) == set(converted) == set(sd), set(back) ^ set(converted)
     for key, value in converted.items():
         np.testing.assert_array_equal(back[key], value, err_msg=f"round trip of {key}")
         assert back[key].dtype == value.dtype, key
@@ -135,15 +120,13 @@ def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=No
     t_eval, t_out, t_loss = torch_outputs(torch_model, inputs, loss_of)
     assert_close(port.eval(jax_inputs), layout(t_eval), "eval output")
     w_jax = jnp.asarray(layout(weights.numpy()))
-    out, loss, grads, stats, extra_grads = port.train(jax_inputs, lambda y: jnp.sum(y * w_jax) / y.shape[0], names)
+    out, loss, grads, stats = port.train(jax_inputs, lambda y: jnp.sum(y * w_jax) / y.shape[0], names)
     assert_close(out, layout(t_out.detach().numpy()), "training-mode output")
     assert_close(loss, t_loss.item(), "loss")
     t_grads = {rename.get(k, k): p.grad.numpy() for k, p in torch_model.named_parameters()}
-    assert set(grads) | set(extra_grads) == set(t_grads)
+    assert set(grads) == set(t_grads)
     for key, g in grads.items():
         assert_close(g, t_grads[key], f"gradient of {key}")
-    for key, g in extra_grads.items():
-        assert_close(np.reshape(g, t_grads[key].shape), t_grads[key], f"gradient of {key}")
     t_state = {rename.get(k, k): v.numpy() for k, v in torch_model.state_dict().items()}
     buffers = [k for k in t_state if k.rpartition(".")[2] in BUFFERS]
     assert {k for k in stats if k.rpartition(".")[2] in BUFFERS} == set(buffers)
@@ -170,7 +153,7 @@ def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=No
 @pytest.mark.slow
 def test_torchvision_resnet18(framework):
     torch.manual_seed(0)
-    port = (_NNX(twins.NNXResNet18(10, nnx.Rngs(0)), ()) if framework == "nnx"
+    port = (_NNX(twins.NNXResNet18(10, nnx.Rngs(0))) if framework == "nnx"
             else _Equinox(twins.EqxResNet18(10, jax.random.key(0)), stateful=True))
     names = check_port(torchvision_models().resnet18(num_classes=10), port,
                        lambda r: [r.normal(size=(4, 3, 64, 64)).astype(np.float32)], channels_last=framework == "nnx")
@@ -195,13 +178,10 @@ def test_convnext_style_blocks(framework):
     d0, d1 = 16, 32
     inside_blocks = {f"{b}.block.{i}": None for b in (1, 3) for i in (2, 3, 5)}  # NHWC in torch, after a permute
     if framework == "nnx":
-        port = _NNX(twins.NNXConvNeXt(d0, d1, nnx.Rngs(0)),
-                    {"1.layer_scale": ("block1", "layer_scale"), "3.layer_scale": ("block2", "layer_scale")})
+        port = _NNX(twins.NNXConvNeXt(d0, d1, nnx.Rngs(0)))  # the layer scales: bare parameters, converted
         compare = {"layout": "channels_last", "layouts": inside_blocks}
     else:
-        port = _Equinox(twins.EqxConvNeXt(d0, d1, jax.random.key(0)), stateful=False,
-                        layer_scales={"1.layer_scale": lambda m: m.block1.layer_scale,
-                                      "3.layer_scale": lambda m: m.block2.layer_scale})
+        port = _Equinox(twins.EqxConvNeXt(d0, d1, jax.random.key(0)), stateful=False)
         # LayerNorm2d's twin normalizes an (H, W, C) view of the example: its arrays are channels-last there
         compare = {"layouts": {"0.1": "channels_last", "2.0": "channels_last"}}
     names = check_port(_torch_convnext(d0, d1), port, lambda r: [r.normal(size=(4, 3, 32, 32)).astype(np.float32)],
@@ -215,7 +195,7 @@ def test_convnext_style_blocks(framework):
 def test_torch_transformer_encoder_layer(framework, norm_first):
     torch.manual_seed(0)
     torch_model = tnn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
-    port = (_NNX(twins.NNXEncoderLayer(16, 4, 32, norm_first, nnx.Rngs(0)), ()) if framework == "nnx"
+    port = (_NNX(twins.NNXEncoderLayer(16, 4, 32, norm_first, nnx.Rngs(0))) if framework == "nnx"
             else _Equinox(twins.EqxEncoderLayer(16, 4, 32, norm_first, jax.random.key(0)), stateful=False))
     names = check_port(torch_model, port, lambda r: [r.normal(size=(4, 6, 16)).astype(np.float32)],
                        rename=TRANSFORMER_RENAME, compare={})
@@ -226,7 +206,7 @@ def test_torch_transformer_encoder_layer(framework, norm_first):
 @pytest.mark.parametrize("framework", ["nnx", "equinox"])
 def test_diffusion_unet_residual_blocks(framework):
     torch.manual_seed(0)
-    port = (_NNX(twins.NNXUNetStage(nnx.Rngs(0)), ()) if framework == "nnx"
+    port = (_NNX(twins.NNXUNetStage(nnx.Rngs(0))) if framework == "nnx"
             else _Equinox(twins.EqxUNetStage(jax.random.key(0)), stateful=False))
     names = check_port(TorchUNetStage(), port, lambda r: [r.normal(size=(4, 16, 8, 8)).astype(np.float32),
                                                           r.normal(size=(4, 24)).astype(np.float32)],

@@ -19,7 +19,7 @@ import pytest
 from experiments import models
 from jaxnorm import interop
 from jaxnorm import linen as jl
-from jaxnorm._tree import get_path, set_path, walk
+from jaxnorm._tree import get_path, walk
 from tests.tolerances import tol
 
 torch = pytest.importorskip("torch")
@@ -94,11 +94,11 @@ def torch_outputs(torch_model, inputs, loss_of):
 
 
 def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(), channels_first_output=False,
-               rename=None, extra=None, kinds=None):
+               rename=None, kinds=None):
     """Train, convert, compare. ``make_inputs(rng)`` gives torch-layout NumPy inputs; those whose index is in
     ``channels_last_inputs`` are moved to channels-last for Flax, and so is the output if
     ``channels_first_output``. ``rename`` maps state_dict keys interop does not
-    know to keys it does; ``extra(state_dict) -> {flax path: value}`` places parameters interop does not convert."""
+    know to keys it does."""
     weights, loss_of = trained_torch(torch_model, make_inputs)
 
     def to_flax_inputs(arrays):
@@ -106,7 +106,7 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
 
     def state_dict():
         sd = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
-        return {(rename or {}).get(k, k): v for k, v in sd.items() if not (extra and k in extra.keys_in(sd))}
+        return {(rename or {}).get(k, k): v for k, v in sd.items()}
 
     layout = nhwc if channels_first_output else (lambda a: a)
     inputs = make_inputs(np.random.default_rng(2))
@@ -114,10 +114,6 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
     sd = state_dict()
     names = interop.derive_names(sd, flax_model, *x_flax, kinds=kinds)
     variables = interop.torch_to_flax(sd, names, kinds=kinds)
-    if extra:
-        for path, value in extra.place(torch_model.state_dict()).items():
-            collection, _, rest = path.partition("/")
-            set_path(variables[collection], rest, value)
     variables = jax.tree.map(jnp.asarray, variables)
     template = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), *x_flax))
     got = {path: (a.shape, a.dtype) for path, a in walk(variables)}
@@ -153,9 +149,6 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
         names, kinds=kinds)["params"]
     for path, g in walk(t_grads):
         assert_close(get_path(grads, path), g, f"gradient of {path}")
-    if extra:
-        for path, value in extra.place({k: p.grad for k, p in torch_model.named_parameters()}).items():
-            assert_close(get_path(grads, path.partition("/")[2]), value, f"gradient of {path}")
     if mutable:
         t_stats = interop.torch_to_flax(state_dict(), names, kinds=kinds)["batch_stats"]
         for path, s in walk(t_stats):
@@ -221,7 +214,7 @@ class FlaxCNBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        layer_scale = self.param("layer_scale", nn.initializers.constant(1e-6), (self.dim,), jnp.float32)
+        layer_scale = self.param("layer_scale", nn.initializers.constant(1e-6), (self.dim, 1, 1), jnp.float32)
         y = nn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim)(x)
         y = jl.LayerNorm(epsilon=1e-6)(y)
         y = nn.gelu(nn.Dense(4 * self.dim)(y), approximate=False)
@@ -246,20 +239,6 @@ class FlaxConvNeXt(nn.Module):
         return nn.Dense(10)(x)
 
 
-class LayerScales:
-    """torchvision's ``layer_scale`` parameters (shape (dim, 1, 1)): moved by hand to the Flax blocks."""
-
-    def __init__(self, blocks: dict[str, str]):
-        self.blocks = blocks  # torch prefix -> Flax module path
-
-    def keys_in(self, sd):
-        return [f"{prefix}.layer_scale" for prefix in self.blocks]
-
-    def place(self, tensors):
-        return {f"params/{path}/layer_scale": jnp.asarray(tensors[f"{prefix}.layer_scale"].detach().numpy()
-                                                          .reshape(-1)) for prefix, path in self.blocks.items()}
-
-
 def test_convnext_style_blocks():
     """LayerNorm over channels (LayerNorm2d, and inside CNBlock after a permute), with torchvision's CNBlock."""
     convnext = torchvision_models().convnext
@@ -272,8 +251,7 @@ def test_convnext_style_blocks():
         convnext.CNBlock(d1, layer_scale=0.5, stochastic_depth_prob=0.0),
         tnn.AdaptiveAvgPool2d(1), tnn.Flatten(1), tnn.LayerNorm(d1, eps=1e-6), tnn.Linear(d1, 10))
     names = check_port(torch_model, FlaxConvNeXt((d0, d1)),
-                       lambda r: [r.normal(size=(4, 3, 32, 32)).astype(np.float32)], channels_last_inputs=(0,),
-                       extra=LayerScales({"1": "FlaxCNBlock_0", "3": "FlaxCNBlock_1"}))
+                       lambda r: [r.normal(size=(4, 3, 32, 32)).astype(np.float32)], channels_last_inputs=(0,))
     assert names["0.1"] == "LayerNorm_0" and names["1.block.2"] == "FlaxCNBlock_0/LayerNorm_0"
 
 

@@ -134,7 +134,7 @@ class NNXCNBlock(nnx.Module):
         self.norm = jn.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
         self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
         self.fc2 = nnx.Linear(4 * dim, dim, rngs=rngs)
-        self.layer_scale = nnx.Param(jnp.full((dim,), 1e-6))
+        self.layer_scale = nnx.Param(jnp.full((dim, 1, 1), 1e-6, jnp.float32))  # torch's shape, converted as it is
 
     def __call__(self, x):
         y = self.fc2(jax.nn.gelu(self.fc1(self.norm(self.conv(x))), approximate=False))

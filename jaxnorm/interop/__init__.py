@@ -12,7 +12,8 @@ setting, Equinox's ``ConvTranspose``). Flax (linen and NNX) keeps kernels as ``(
 Equinox keeps torch's layouts. ``kinds={"prefix": kind}`` names a kind by hand (``"norm"`` for a LayerNorm/RMSNorm
 over 2+ trailing dims); ``kinds=torch_kinds(torch_model)`` reads them from the torch model, so a torch
 ConvTranspose or Embedding paired with a JAX Conv or Dense is refused. :func:`derive_names` returns the kinds
-with the names (a :class:`Names`), and the converters convert each module as it was paired.
+with the names (a :class:`Names`), and the converters convert each module as it was paired. A module's bare
+parameters (a ViT's class token) pair with the JAX module that holds its own parameters, by name, as they are.
 
 ``names`` maps each torch module prefix to the JAX module's path ("/"-separated), e.g.::
 

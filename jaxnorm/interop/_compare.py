@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,20 +119,21 @@ def _first_tensor(value: Any) -> Any:
 
 
 def record_torch(torch_model: Any, inputs: Any, *, loss: Callable[[Any], Any] | None = None,
-                 modes: Sequence[str] = MODES, rename: Mapping[str, str] | None = None) -> Recording:
+                 modes: Sequence[str] = MODES, rename: Mapping[str, Any] | None = None) -> Recording:
     """Run ``torch_model`` on ``inputs`` (an array or a tuple of them, NumPy or torch) and record, for every
     module that holds parameters or buffers: each call's positional tensor inputs and first output, in eval mode
     (under ``torch.no_grad``) and in training mode; the running statistics after the training-mode batch; and,
     with ``loss`` (a function of the model's output giving a scalar), every parameter's gradient in training mode.
-    ``rename`` maps state_dict keys to the keys the port converts (``"self_attn.in_proj_weight"`` ->
-    ``"self_attn.in_proj.weight"``). The model's weights, buffers, gradients and mode are left as they were.
+    ``rename`` maps state_dict keys to the keys the port converts (``"block.gamma"`` -> ``"block.norm.weight"``);
+    a key mapped to None is dropped, one mapped to a tuple of keys is split evenly along its first axis into them
+    (a fused ``"qkv.weight"`` -> ``("q.weight", "k.weight", "v.weight")``). The model's weights, buffers, gradients
+    and mode are left as they were.
     """
     torch = _import_torch()
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"record_torch: `modes` holds {mode!r}; the modes are {MODES}.")
-    rename = dict(rename or {})
-    renamed = lambda table: {rename.get(k, k): v for k, v in table.items()}
+    renamed = functools.partial(_renamed, rename=dict(rename or {}))
     as_numpy = lambda t: t.detach().cpu().numpy().copy()
     device = next((p.device for p in torch_model.parameters()), None)
     tensors = [torch.as_tensor(a, device=device) for a in _as_tuple(inputs)]
@@ -177,18 +179,38 @@ def record_torch(torch_model: Any, inputs: Any, *, loss: Callable[[Any], Any] | 
                      recorded, train_state, grads)
 
 
+def _renamed(table: Mapping[str, Any], rename: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` with its keys renamed, dropped (None) or split (a tuple of keys: even parts along axis 0)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        new = rename.get(key, key)
+        if new is None:
+            continue
+        if isinstance(new, tuple | list):
+            out.update(zip(new, np.split(np.asarray(value), len(new)), strict=True))
+        else:
+            out[new] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------------- layouts
 
 
 def _layout_fn(layout: Layout) -> Callable[[np.ndarray], Any]:
     if layout is None:
         return lambda a: a
-    if layout == "channels_last":  # NC... -> N...C for rank 3 and more; (N, C) and scalars are left as they are
-        return lambda a: np.moveaxis(a, 1, -1) if np.ndim(a) >= 3 else a
+    if layout == "channels_last":  # images and volumes: NC... -> N...C; tokens (N, L, D), (N, C) are left alone
+        return lambda a: np.moveaxis(a, 1, -1) if np.ndim(a) >= 4 else a
     if callable(layout):
         return layout
     raise ValueError(f"compare: layout={layout!r}; pass None (the same layout as torch), 'channels_last' "
-                     "(NCHW -> NHWC for every array of rank 3 or more) or a function of a NumPy array.")
+                     "(NCHW -> NHWC for every array of rank 4 or more) or a function of a NumPy array.")
+
+
+def _by_prefix(table: Mapping[str, Any], prefix: str, default: Any) -> Any:
+    """The value of the longest key of ``table`` that is ``prefix`` or one of its parent modules."""
+    parents = [prefix[:i] for i in range(len(prefix), 0, -1) if i == len(prefix) or prefix[i] == "."]
+    return next((table[p] for p in parents if p in table), default)
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -245,9 +267,10 @@ class Report:
 
         def key(row: Row) -> tuple:
             phase = _phase(row)
-            where = position.get(row.module, len(position))
-            return ({"eval": 0, "train": 0, "stats": 1, "grads": 2}[phase], -where if phase == "grads" else where,
-                    row.mode != "eval")
+            where = position.get(row.module)
+            # a module torch never called through its forward comes after every module that was
+            rank = math.inf if where is None else -where if phase == "grads" else where
+            return ({"eval": 0, "train": 0, "stats": 1, "grads": 2}[phase], rank, row.mode != "eval")
         return sorted((row for row in self.rows if not row.ok), key=key)
 
     @property
@@ -554,9 +577,12 @@ class _Equinox:
 
         model = eqx.nn.inference_mode(self.model, value=not train)
         _, _, steps = _equinox.equinox_modules(model, self.state)
-        wheres = [steps[p] for p in paths]
-        probed = eqx.tree_at(lambda m: [_equinox.resolve(m, w) for w in wheres], model,
-                             [_Probe(_equinox.resolve(model, w), p) for w, p in zip(wheres, paths, strict=True)])
+        # deepest first: a module with bare parameters (probed) holds probed submodules
+        probed = model
+        for depth in sorted({len(steps[p]) for p in paths}, reverse=True):
+            level = [p for p in paths if len(steps[p]) == depth]
+            probed = eqx.tree_at(lambda m, level=level: [_equinox.resolve(m, steps[p]) for p in level], probed,
+                                 [_Probe(_equinox.resolve(probed, steps[p]), p) for p in level])
 
         nested: set[str] = set()
 
@@ -659,7 +685,7 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
             modes: Sequence[str] = MODES, tolerance: Mapping[str, float] | None = None,
             tolerances: Mapping[str, Mapping[str, float]] | None = None, axis_name: Any = "batch",
             eval_kwargs: Mapping[str, Any] | None = None, train_kwargs: Mapping[str, Any] | None = None,
-            rename: Mapping[str, str] | None = None, save: str | None = None) -> Report:
+            rename: Mapping[str, Any] | None = None, save: str | None = None) -> Report:
     """Run a PyTorch model and its JAX port on the same input and report, module by module, how far apart they are.
 
     - ``jax_model``: a linen module (with ``variables=``), an NNX module, or an Equinox model (with its
@@ -667,8 +693,10 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
       without state, under ``jax.vmap(..., axis_name=axis_name)`` over the batch).
     - ``inputs``: an array or a tuple of arrays in torch's layout; ``layout`` gives the JAX model its twin and maps
       every module's output the same way before comparing: None (the same layout), ``"channels_last"`` (NCHW ->
-      NHWC, axis 1 to the end for every array of rank 3 or more) or a function; ``layouts={prefix: ...}`` for
-      modules whose arrays are laid out otherwise (e.g. ConvNeXt's LayerNorm after a permute: ``None``).
+      NHWC, axis 1 to the end for every array of rank 4 or more: images and volumes; token arrays ``(N, L, D)``
+      are left alone) or a function; ``layouts={prefix: ...}`` for modules whose arrays are laid out otherwise
+      (e.g. ConvNeXt's LayerNorm after a permute: ``None``; a 1-D conv's ``(N, C, L)``: a function), a prefix
+      covering its submodules too.
     - ``names``: torch prefix -> JAX path, as for the converters; derived by declaration order where left out.
     - Compared: every paired module's output (each call), in eval and in training mode (``modes``); the running
       statistics and ``num_batches_tracked`` after the training-mode batch; with ``loss`` (one function of the
@@ -680,7 +708,8 @@ def compare(torch_model: Any, jax_model: Any, inputs: Any, *, variables: Any = N
       of the whole chained model.
     - Tolerances: ``|jax - torch| <= atol * max|torch| + rtol * |torch|`` per array, with the float32 "model" entry of
       jaxnorm's tolerance table (atol 3e-5, rtol 1e-5) for float32 arrays, or ``tolerance=dict(atol=, rtol=)``
-      for all and ``tolerances={prefix: dict(...)}`` per module; ``num_batches_tracked`` must be equal.
+      for all and ``tolerances={prefix: dict(...)}`` per module and its submodules; ``num_batches_tracked`` must be
+      equal.
     - ``save="port.npz"`` also writes what PyTorch produced, for :func:`compare_fixture` to repeat the comparison
       without torch.
 
@@ -727,12 +756,12 @@ def compare_fixture(fixture: str | Recording, jax_model: Any, *, variables: Any 
                  _NNX(jax_model) if kind == "nnx" else _Equinox(jax_model, state, axis_name))
     default = _layout_fn(layout)
     per_module = {prefix: _layout_fn(value) for prefix, value in (layouts or {}).items()}
-    layout_of = lambda prefix: per_module.get(prefix, default)
+    layout_of = lambda prefix: _by_prefix(per_module, prefix, default)
     jax_inputs = tuple(jnp.asarray(default(a)) for a in recording.inputs)
     names = side.derive(recording.state_dict, jax_inputs, names, kinds)
     kinds = dict(kinds or {})
     paths = list(dict.fromkeys(names.values()))
-    tol_of = lambda prefix: (tolerances or {}).get(prefix, tolerance)
+    tol_of = lambda prefix: _by_prefix(tolerances or {}, prefix, tolerance)
     rows: list[Row] = []
     order: list[str] = []
     for mode in modes:

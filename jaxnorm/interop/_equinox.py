@@ -30,8 +30,18 @@ def _kind(module: Any) -> str | None:
         return "conv"
     if isinstance(module, eqx.nn.Embedding):
         return "embedding"
+    if isinstance(module, eqx.nn.MultiheadAttention):
+        return "attention"
     norms = tuple(getattr(jeqx, n) for n in jeqx.__all__) + (eqx.nn.LayerNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm)
     return "norm" if isinstance(module, norms) else None
+
+
+def _bare_arrays(module: Any) -> dict[str, Any]:
+    """The floating-point arrays an Equinox module holds in its own fields (not in submodules)."""
+    import jax.numpy as jnp
+
+    values: dict[str, Any] = {f.name: getattr(module, f.name, None) for f in dataclasses.fields(module)}
+    return {k: v for k, v in values.items() if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact)}
 
 
 def walk(node: Any, steps: tuple[Step, ...] = ()) -> list[tuple[tuple[Step, ...], Any, str]]:
@@ -43,6 +53,8 @@ def walk(node: Any, steps: tuple[Step, ...] = ()) -> list[tuple[tuple[Step, ...]
         kind = _kind(node)
         if kind is not None:
             return [(steps, node, kind)]
+        if _bare_arrays(node):  # its own parameters (a class token), before its submodules', as torch lists them
+            found.append((steps, node, "params"))
         for field in dataclasses.fields(node):
             found += walk(getattr(node, field.name, None), (*steps, ("attr", field.name)))
     elif isinstance(node, list | tuple):
@@ -58,14 +70,29 @@ def path_of(steps: tuple[Step, ...]) -> str:
     return "/".join(str(key) for _, key in steps)
 
 
+def _leaf(module: Any, name: str) -> Any:
+    """``module``'s array ``name``; ``"query_proj/weight"`` is a submodule's."""
+    for part in name.split("/"):
+        module = getattr(module, part)
+    return module
+
+
 def resolve(node: Any, steps: tuple[Step, ...]) -> Any:
     for how, key in steps:
         node = getattr(node, key) if how == "attr" else node[key]
     return node
 
 
-def module_leaves(module: Any, state: Any) -> dict[str, Any]:
-    """{name: array} of one convertible module: its weight and bias, and its running statistics in ``state``."""
+def module_leaves(module: Any, state: Any, kind: str | None = None) -> dict[str, Any]:
+    """{name: array} of one convertible module: its weight and bias, and its running statistics in ``state``
+    (``kind="params"``: its bare arrays)."""
+    import equinox as eqx
+
+    if kind == "params":
+        return _bare_arrays(module)
+    if isinstance(module, eqx.nn.MultiheadAttention):  # its four projections, as one module (torch's)
+        return {f"{p}/{k}": getattr(getattr(module, p), k) for p in pairing.PROJECTIONS["equinox"]
+                for k in ("weight", "bias") if getattr(getattr(module, p), k, None) is not None}
     leaves = {k: getattr(module, k) for k in ("weight", "bias") if getattr(module, k, None) is not None}
     index = getattr(module, "state_index", None)
     if index is not None:  # without a state, the initial values the index keeps (if it still does)
@@ -80,7 +107,7 @@ def equinox_modules(model: Any, state: Any) -> tuple[dict[str, dict[str, tuple[i
     shapes, kinds, steps = {}, {}, {}
     for where, module, kind in walk(model):
         path = path_of(where)
-        shapes[path] = {k: tuple(np.shape(v)) for k, v in module_leaves(module, state).items()}
+        shapes[path] = {k: tuple(np.shape(v)) for k, v in module_leaves(module, state, kind).items()}
         kinds[path], steps[path] = kind, where
     return shapes, kinds, steps
 
@@ -125,20 +152,20 @@ def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = Non
         kind = names.kinds[prefix]
         pairing.check_leaves(prefix, kind, leaves, "torch_to_equinox")
         module = resolve(model, steps[names[prefix]])
-        old = module_leaves(module, state)
+        old = module_leaves(module, state, kind)
         new = {k: jnp.asarray(v, dtype=old[k].dtype) for k, v in pairing.module_to_jax(kind, leaves, "equinox").items()}
         for name, value in new.items():
             if name not in old or np.shape(old[name]) != value.shape:
                 raise ValueError(f"torch_to_equinox: {prefix} -> {names[prefix]}/{name}: the state_dict gives shape "
                                  f"{value.shape}, the model holds {np.shape(old[name]) if name in old else 'nothing'}.")
-        for name in ("weight", "bias"):
-            if name in new:
+        for name in new:
+            if name not in pairing.STATS:
                 wheres.append((steps[names[prefix]], name))
                 values.append(new[name])
         stats = {k: v for k, v in new.items() if k in pairing.STATS}
         if stats:
             state = state.set(module.state_index, {**state.get(module.state_index), **stats})
-    model = eqx.tree_at(lambda m: [getattr(resolve(m, where), name) for where, name in wheres], model, values)
+    model = eqx.tree_at(lambda m: [_leaf(resolve(m, where), name) for where, name in wheres], model, values)
     return model, state
 
 
@@ -152,7 +179,7 @@ def equinox_to_torch(model: Any, state: Any, names: Mapping[str, str], *,
         if path not in steps:
             raise KeyError(f"equinox_to_torch: no convertible module at Equinox path {path!r} (torch module "
                            f"{prefix!r}).")
-        leaves = module_leaves(resolve(model, steps[path]), state)
+        leaves = module_leaves(resolve(model, steps[path]), state, jax_kinds[path])
         if state is None:
             leaves = {k: v for k, v in leaves.items() if k not in pairing.STATS}
         given = pairing.given_kinds(names, kinds)

@@ -29,7 +29,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
         pairing.check_leaves(prefix, kind, leaves, "torch_to_flax")
         for name, value in pairing.module_to_jax(kind, leaves, "flax").items():
             collection = "batch_stats" if name in pairing.STATS else "params"
-            set_path(out[collection], f"{names[prefix]}/{name}", value)
+            set_path(out[collection], f"{names[prefix]}/{name}" if names[prefix] else name, value)
     return {k: v for k, v in out.items() if v}
 
 
@@ -45,13 +45,24 @@ def flax_to_torch(variables: Mapping[str, Any], names: Mapping[str, str], *,
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     out: dict[str, np.ndarray] = {}
     for prefix, path in names.items():
-        leaves = {**(get_path(params, path) or {}), **(get_path(stats, path) or {})}
-        if not leaves:
+        own = {**_at(params, path), **_at(stats, path)}
+        if not own:
             raise KeyError(f"flax_to_torch: no variables at Flax path {path!r} (torch module {prefix!r}).")
-        kind = kinds.get(prefix) or pairing.flax_variables_kind({k: np.shape(v) for k, v in leaves.items()})
+        direct = {k: v for k, v in own.items() if "/" not in k}  # not its submodules'
+        kind = kinds.get(prefix) or (f"attention:{np.shape(own['query/kernel'])[1]}" if not direct and
+                                     "query/kernel" in own else pairing.flax_variables_kind(
+                                         {k: np.shape(v) for k, v in direct.items()}))
+        # a module's own variables; an attention's are its projections' (query/kernel, ...)
+        leaves = {k: v for k, v in own.items() if "/" in k} if kind.startswith("attention") else direct
         for leaf, value in pairing.module_to_torch(kind, leaves, "flax").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out
+
+
+def _at(collection: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The variables of the module at ``path``: its own, and its submodules' as ``"child/name"``."""
+    node = collection if not path else get_path(collection, path)
+    return pairing.flatten(node) if isinstance(node, Mapping) else {}
 
 
 def flax_modules(model: Any, args: tuple, kwargs: dict) -> tuple[dict[str, dict[str, tuple[int, ...]]],
@@ -95,14 +106,14 @@ def flax_modules(model: Any, args: tuple, kwargs: dict) -> tuple[dict[str, dict[
     children(declared[""], "")
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for path in [*declared, *(p for p in called if p not in declared)]:
-        for collection in shapes.values():
+        for collection in (shapes.get("params", {}), shapes.get("batch_stats", {})):
             node = get_path(collection, path) if path else collection
             if isinstance(node, Mapping):
                 for name, leaf in node.items():
                     if not isinstance(leaf, Mapping):
                         modules.setdefault(path, {})[name] = tuple(leaf.shape)
-    # modules with variables interop does not convert (e.g. a bare layer-scale parameter) are the user's to map
-    modules = {p: v for p, v in modules.items() if {"kernel", "embedding", "scale", "bias", "mean", "var"} & set(v)}
+    attention = {p for p, m in declared.items() if isinstance(m, nn.MultiHeadDotProductAttention)}
+    modules = pairing.merge_submodules(modules, attention)
     return modules, {p: _kind(declared.get(p), v) for p, v in modules.items()}
 
 
@@ -114,6 +125,8 @@ def _kind(module: Any, variables: Mapping[str, tuple[int, ...]]) -> str:
         return pairing.FLAX_TRANSPOSED if module.transpose_kernel else "conv_transpose"
     if isinstance(module, nn.Embed):
         return "embedding"
+    if isinstance(module, nn.MultiHeadDotProductAttention):
+        return f"attention:{variables['query/kernel'][1]}"  # its heads: (E, H, D)
     return pairing.flax_variables_kind(variables)
 
 

@@ -11,8 +11,6 @@ import numpy as np
 
 from jaxnorm.interop import _pairing as pairing
 
-_CONVERTIBLE = {"kernel", "embedding", "scale", "bias", "mean", "var"}
-
 
 def _child(parent: Any, key: Any) -> Any:
     attributes = vars(parent) if hasattr(parent, "__dict__") else {}
@@ -37,17 +35,20 @@ def path_name(path: tuple) -> str:
 
 
 def state_leaves(model: Any, state: Any = None) -> dict[tuple, dict[str, Any]]:
-    """{module path (tuple): {name: array}} for every module that owns convertible variables, in declaration order.
+    """{module path (tuple): {name: array}} for every module that owns variables, in declaration order.
     ``state`` (an ``nnx.State`` of the model, e.g. its gradients) replaces the model's own values."""
     from flax import nnx
 
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)) if state is None else state
+    attention = {tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.MultiHeadAttention)}
     modules: dict[tuple, dict[str, Any]] = {}
     for path, variable in nnx.to_flat_state(state):
         value = variable.get_value() if hasattr(variable, "get_value") else variable
-        modules.setdefault(tuple(path[:-1]), {})[str(path[-1])] = value
-    convertible = [p for p, v in modules.items() if _CONVERTIBLE & set(v)]
-    return {p: modules[p] for p in sorted(convertible, key=lambda p: _declaration_key(model, p))}
+        owner, name = tuple(path[:-1]), str(path[-1])
+        if owner[:-1] in attention:  # an attention's query/key/value/out: one module, as torch's
+            owner, name = owner[:-1], f"{owner[-1]}/{name}"
+        modules.setdefault(owner, {})[name] = value
+    return {p: modules[p] for p in sorted(modules, key=lambda p: _declaration_key(model, p))}
 
 
 def nnx_modules(model: Any) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, tuple]]:
@@ -69,6 +70,8 @@ def module_kinds(model: Any, modules: Mapping[str, Mapping[str, tuple[int, ...]]
             return pairing.FLAX_TRANSPOSED if module.transpose_kernel else "conv_transpose"
         if isinstance(module, nnx.Embed):
             return "embedding"
+        if isinstance(module, nnx.MultiHeadAttention):
+            return f"attention:{modules[path]['query/kernel'][1]}"  # its heads: (E, H, D)
         return pairing.flax_variables_kind(modules[path])
 
     return {p: kind(p) for p in modules}
@@ -107,7 +110,11 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, 
         for step in tuples[names[prefix]]:
             node = node[step]
         for name, value in pairing.module_to_jax(kind, leaves, "flax").items():
-            node[name] = _cast(value, node.get(name), f"{prefix} -> {names[prefix]}/{name}", "torch_to_nnx")
+            *inner, leaf = name.split("/")  # an attention's query/kernel: its submodule's variable
+            target = node
+            for step in inner:
+                target = target[step]
+            target[leaf] = _cast(value, target.get(leaf), f"{prefix} -> {names[prefix]}/{name}", "torch_to_nnx")
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     return model

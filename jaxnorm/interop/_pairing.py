@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 FLAX_TRANSPOSED = "conv_transpose:transpose_kernel"  # Flax's ConvTranspose(transpose_kernel=True)
-KINDS = ("norm", "linear", "conv", "conv_transpose", "embedding", FLAX_TRANSPOSED)
+# "params": a module's bare parameters (a ViT's class token, ConvNeXt's layer scale), paired by name, as they are
+KINDS = ("norm", "linear", "conv", "conv_transpose", "embedding", "attention", "params", FLAX_TRANSPOSED)
+LAYER_VARIABLES = {"kernel", "embedding", "scale", "bias", "mean", "var", "count", "query/kernel"}  # JAX's
+# torch.nn.MultiheadAttention's leaves (its out_proj's folded in: see split_key); a Flax attention's kind is
+# "attention:H", its number of heads, which its kernels (E, H, D) need and torch's (3E, E) do not say
+ATTENTION_LEAVES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                    "out_proj.weight", "out_proj.bias")
 # the kinds a state_dict's shapes read as another: the JAX module (or kinds=) decides
 LOOKS_LIKE = {"conv_transpose": "conv", FLAX_TRANSPOSED: "conv", "embedding": "linear"}
 STATS = ("mean", "var", "count")  # the JAX names that are running statistics, not parameters
@@ -44,6 +50,8 @@ def given_kinds(names: Mapping[str, str] | None, kinds: Mapping[str, str] | None
 
 def flax_variables_kind(variables: Mapping[str, tuple[int, ...]]) -> str:
     """A Flax module's kind from its variables alone (a ConvTranspose reads as a conv: the module says which)."""
+    if not set(variables) & LAYER_VARIABLES:
+        return "params"
     if "embedding" in variables:
         return "embedding"
     if "kernel" in variables:
@@ -68,6 +76,30 @@ def torch_kinds(model: Any) -> dict[str, str]:
     return out
 
 
+def merge_submodules(modules: Mapping[str, Mapping[str, Any]], owners: set[str]) -> dict[str, dict[str, Any]]:
+    """``modules`` ({path: {name: leaf}}, in order) with each owner's submodules folded into it, at the place of
+    the first: an attention's ``query``, ``key``, ``value`` and ``out`` become its ``query/kernel``, ...."""
+    out: dict[str, dict[str, Any]] = {}
+    for path, leaves in modules.items():
+        parent, _, child = path.rpartition("/")
+        if parent in owners:
+            out.setdefault(parent, {}).update({f"{child}/{k}": v for k, v in leaves.items()})
+        else:
+            out.setdefault(path, {}).update(leaves)
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict of leaves as ``{"a/b": leaf}``."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def norm_names(style: str) -> dict[str, str]:
     """torch leaf -> JAX name for a norm layer."""
     return {**_NORM_JAX[style], **_RUNNING}
@@ -79,11 +111,29 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def split_key(key: str, attention: set[str]) -> tuple[str, str]:
+    """``(module prefix, leaf)`` of a state_dict key; a MultiheadAttention's ``out_proj`` belongs to the attention
+    (``"attn.out_proj.weight"`` -> ``("attn", "out_proj.weight")``), which converts as one module."""
+    prefix, _, leaf = key.rpartition(".")
+    owner, _, child = prefix.rpartition(".")
+    if child == "out_proj" and owner in attention:
+        return owner, f"out_proj.{leaf}"
+    if prefix == "out_proj" and "" in attention:
+        return "", f"out_proj.{leaf}"
+    return prefix, leaf
+
+
+def attention_prefixes(keys: Any) -> set[str]:
+    """The prefixes of the MultiheadAttention modules among state_dict keys."""
+    return {k.rpartition(".")[0] for k in keys if k.rpartition(".")[2] in ("in_proj_weight", "q_proj_weight")}
+
+
 def torch_modules(state_dict: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
     """{module prefix: {leaf: shape}} in state_dict order (the order torch registered the modules)."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    attention = attention_prefixes(state_dict)
     for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
+        prefix, leaf = split_key(key, attention)
         shape = value.shape if hasattr(value, "shape") else np.shape(value)  # no copy off an accelerator
         modules.setdefault(prefix, {})[leaf] = tuple(int(d) for d in shape)
     return modules
@@ -92,8 +142,9 @@ def torch_modules(state_dict: Mapping[str, Any]) -> dict[str, dict[str, tuple[in
 def group(state_dict: Mapping[str, Any], names: Mapping[str, str], who: str) -> dict[str, dict[str, np.ndarray]]:
     """{prefix: {leaf: array}} for every module ``names`` maps; a key of an unmapped module is a KeyError."""
     groups: dict[str, dict[str, np.ndarray]] = {prefix: {} for prefix in names}
+    attention = attention_prefixes(state_dict)
     for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
+        prefix, leaf = split_key(key, attention)
         if prefix not in names:
             raise KeyError(
                 f"{who}: state_dict key {key!r} belongs to module {prefix!r}, which `names` does not map; "
@@ -106,9 +157,15 @@ def group(state_dict: Mapping[str, Any], names: Mapping[str, str], who: str) -> 
 def torch_kind(prefix: str, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str]) -> str:
     """norm, linear or conv from the shapes of the module's leaves, unless ``kinds`` names the module's kind."""
     if prefix in kinds:
-        if kinds[prefix] not in KINDS:
-            raise ValueError(f"kinds[{prefix!r}] must be one of {KINDS}, got {kinds[prefix]!r}.")
+        kind, _, heads = kinds[prefix].partition(":")
+        if kinds[prefix] not in KINDS and not (kind == "attention" and heads.isdigit()):
+            raise ValueError(f"kinds[{prefix!r}] must be one of {KINDS} (or 'attention:H', H heads), got "
+                             f"{kinds[prefix]!r}.")
         return kinds[prefix]
+    if "in_proj_weight" in shapes or "q_proj_weight" in shapes:
+        return "attention"
+    if not set(shapes) & ({"weight", "bias"} | set(_RUNNING) | set(ATTENTION_LEAVES)):
+        return "params"
     weight_ndim = len(shapes["weight"]) if "weight" in shapes else None
     if "running_mean" in shapes or weight_ndim is None or weight_ndim == 1:
         return "norm"
@@ -125,17 +182,31 @@ def resolve_kind(kind: str, jax_kind: str, given: bool) -> str:
     return kind
 
 
-def _known(kind: str) -> set[str]:
+def _known(kind: str, leaves: Any = ()) -> set[str]:
+    if kind == "params":
+        return set(leaves)
+    if kind.startswith("attention"):
+        return set(ATTENTION_LEAVES)
     return set(norm_names("flax")) if kind == "norm" else {"weight", "bias"}
 
 
 def check_leaves(prefix: str, kind: str, leaves: Mapping[str, Any], who: str) -> None:
-    unknown = set(leaves) - _known(kind)
+    unknown = set(leaves) - _known(kind, leaves)
     if unknown:
+        extra = ""
+        if kind.startswith("attention") and {"bias_k", "bias_v"} & unknown:
+            extra = " (MultiheadAttention's add_bias_kv=True has no counterpart in Flax's or Equinox's attention)"
         raise KeyError(
             f"{who}: torch module {prefix!r} holds {sorted(unknown)}, which interop does not convert (a {kind} "
-            f"layer holds {sorted(_known(kind))}); rename those keys (e.g. 'self_attn.in_proj_weight' -> "
-            "'self_attn.in_proj.weight') or move them by hand and drop them from the state_dict first.")
+            f"layer holds {sorted(_known(kind))}){extra}; move them by hand and drop them from the state_dict "
+            "first, or rename them to a module interop converts.")
+    if kind.startswith("attention"):
+        inputs = {"in_proj_weight"} <= set(leaves) or {f"{q}_proj_weight" for q in "qkv"} <= set(leaves)
+        if not inputs or "out_proj.weight" not in leaves:
+            raise KeyError(
+                f"{who}: torch module {prefix!r} looks like a MultiheadAttention but holds {sorted(leaves)}; a "
+                "MultiheadAttention holds in_proj_weight (or q/k/v_proj_weight), out_proj.weight and, with "
+                "bias=True, in_proj_bias and out_proj.bias.")
 
 
 def _conv_bias_shape(out: int, weight_ndim: int) -> tuple[int, ...]:
@@ -175,8 +246,60 @@ def _weight_name(kind: str, style: str) -> str:
     return "embedding" if kind == "embedding" else "kernel"
 
 
+PROJECTIONS = {"flax": ("query", "key", "value", "out"), "equinox": ("query_proj", "key_proj", "value_proj",
+                                                                     "output_proj")}
+
+
+def _attention_to_jax(kind: str, leaves: Mapping[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
+    """torch.nn.MultiheadAttention -> Flax's (``query/kernel`` ``(E, H, D)``, ``query/bias`` ``(H, D)``, ...,
+    ``out/kernel`` ``(H, D, E)``) or Equinox's (``query_proj/weight`` ``(H * D, E)``, ..., torch's layouts)."""
+    if "in_proj_weight" in leaves:
+        weights = np.split(leaves["in_proj_weight"], 3)
+    else:
+        weights = [leaves[f"{q}_proj_weight"] for q in "qkv"]
+    biases = np.split(leaves["in_proj_bias"], 3) if "in_proj_bias" in leaves else [None] * 3
+    names, out = PROJECTIONS[style], {}
+    heads = int(kind.partition(":")[2] or 1)
+    for name, w, b in zip(names[:3], weights, biases, strict=True):
+        out[f"{name}/{'weight' if style == 'equinox' else 'kernel'}"] = (
+            w if style == "equinox" else np.ascontiguousarray(w.T).reshape(w.shape[1], heads, -1))
+        if b is not None:
+            out[f"{name}/bias"] = b if style == "equinox" else b.reshape(heads, -1)
+    w = leaves["out_proj.weight"]
+    out[f"{names[3]}/{'weight' if style == 'equinox' else 'kernel'}"] = (
+        w if style == "equinox" else np.ascontiguousarray(w.T).reshape(heads, -1, w.shape[0]))
+    if "out_proj.bias" in leaves:
+        out[f"{names[3]}/bias"] = leaves["out_proj.bias"]
+    return out
+
+
+def _attention_to_torch(leaves: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
+    """The inverse of :func:`_attention_to_jax`: ``in_proj_weight`` where query, key and value take inputs of
+    one size (torch's ``_qkv_same_embed_dim``), else ``q/k/v_proj_weight``."""
+    names, weight = PROJECTIONS[style], "weight" if style == "equinox" else "kernel"
+    flat = lambda w: np.asarray(w) if style == "equinox" else np.asarray(w).reshape(np.shape(w)[0], -1).T
+    weights = [flat(leaves[f"{n}/{weight}"]) for n in names[:3]]
+    out = {}
+    if len({w.shape[1] for w in weights}) == 1:
+        out["in_proj_weight"] = np.ascontiguousarray(np.concatenate(weights))
+    else:
+        out.update({f"{q}_proj_weight": np.ascontiguousarray(w) for q, w in zip("qkv", weights, strict=True)})
+    if f"{names[0]}/bias" in leaves:
+        out["in_proj_bias"] = np.concatenate([np.asarray(leaves[f"{n}/bias"]).reshape(-1) for n in names[:3]])
+    w = np.asarray(leaves[f"{names[3]}/{weight}"])
+    out["out_proj.weight"] = np.ascontiguousarray(w if style == "equinox" else w.reshape(-1, w.shape[-1]).T)
+    if f"{names[3]}/bias" in leaves:
+        out["out_proj.bias"] = np.asarray(leaves[f"{names[3]}/bias"])
+    return out
+
+
 def converted_shapes(kind: str, leaves: Mapping[str, tuple[int, ...]], style: str) -> dict[str, tuple[int, ...]]:
     """The JAX leaf shapes a torch module of ``kind`` converts to (as :func:`module_to_jax` converts them)."""
+    if kind.startswith("attention"):
+        dummies = {k: np.broadcast_to(np.int8(0), v) for k, v in leaves.items()}
+        return {k: tuple(v.shape) for k, v in _attention_to_jax(kind, dummies, style).items()}
+    if kind == "params":
+        return dict(leaves)
     out = {}
     for leaf, shape in leaves.items():
         if kind == "norm":
@@ -192,7 +315,12 @@ def converted_shapes(kind: str, leaves: Mapping[str, tuple[int, ...]], style: st
 
 
 def module_to_jax(kind: str, leaves: Mapping[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
-    """One torch module's leaves -> its JAX twin's ``{name: array}`` (``count`` as int32)."""
+    """One torch module's leaves -> its JAX twin's ``{name: array}`` (``count`` as int32; a "/" in a name is a
+    submodule's variable, e.g. an attention's ``query/kernel``)."""
+    if kind.startswith("attention"):
+        return _attention_to_jax(kind, leaves, style)
+    if kind == "params":
+        return dict(leaves)
     out = {}
     for leaf, value in leaves.items():
         if kind == "norm":
@@ -209,6 +337,10 @@ def module_to_jax(kind: str, leaves: Mapping[str, np.ndarray], style: str) -> di
 
 def module_to_torch(kind: str, leaves: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
     """The inverse of :func:`module_to_jax` (``num_batches_tracked`` as int64, as torch keeps it)."""
+    if kind.startswith("attention"):
+        return _attention_to_torch(leaves, style)
+    if kind == "params":
+        return {k: np.asarray(v) for k, v in leaves.items()}
     out = {}
     reverse = {name: leaf for leaf, name in norm_names(style).items()}
     for name, value in leaves.items():
@@ -242,7 +374,8 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
         if path not in jax_mods:
             raise ValueError(f"{who}: names maps {prefix!r} to {framework} path {path!r}, which is not a module "
                              f"with variables interop converts in this model; the model's are {list(jax_mods)}.")
-    convertible = lambda p: not lenient or bool(set(torch_mods[p]) & _known(torch_kind(p, torch_mods[p], kinds)))
+    convertible = lambda p: not lenient or bool(set(torch_mods[p]) & _known(torch_kind(p, torch_mods[p], kinds),
+                                                                           torch_mods[p]))
     torch_rest = [p for p in torch_mods if p not in fixed and convertible(p)]
     used = set(fixed.values())
     jax_rest = [p for p in jax_mods if p not in used]
@@ -270,6 +403,8 @@ def pair(torch_mods: Mapping[str, Mapping[str, tuple[int, ...]]], jax_mods: Mapp
                             "setting, or an Equinox ConvTranspose; a torch Conv with a Conv)")
         elif converted != target:
             problem = f"it converts to {converted}, the {framework} module holds {target}"
+            if kind == "params":
+                problem += " (bare parameters pair by name and keep their shape: give them torch's names)"
             if {k: v for k, v in converted.items() if k != "count"} == target:
                 problem += (f" (the {framework} module keeps no count, as a jaxnorm BatchNorm with flax_momentum or "
                             "flax's own BatchNorm: drop the num_batches_tracked keys from the state_dict first)")
