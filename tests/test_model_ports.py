@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxnorm import interop
+from jaxnorm.interop._pairing import attention_prefixes, split_key
 from tests.test_models import (  # noqa: F401 - a fixture
     TorchUNetStage,
     assert_close,
@@ -84,7 +85,8 @@ class _Equinox:
     def _batched(self, model, inputs):
         if self.state is None:
             return jax.vmap(model, axis_name=twins.AXIS)(*inputs), None
-        return jax.vmap(lambda *xs: model(*xs, self.state), axis_name=twins.AXIS, out_axes=(0, None))(*inputs)
+        state = jax.tree.map(lambda a: a, self.state)  # a copy: the layers' State.set uses up the one they get
+        return jax.vmap(lambda *xs: model(*xs, state), axis_name=twins.AXIS, out_axes=(0, None))(*inputs)
 
     def eval(self, inputs):
         return self._batched(eqx.nn.inference_mode(self.model), inputs)[0]
@@ -109,7 +111,8 @@ def check_port(torch_model, port, make_inputs, *, channels_last=False, rename=No
     sd = {rename.get(k, k): v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
     names = port.load(sd)
     back = port.back(names)
-    converted = {k: v for k, v in sd.items() if k.rpartition(".")[0] in names}
+    attention = attention_prefixes(sd)  # a MultiheadAttention's out_proj converts with it
+    converted = {k: v for k, v in sd.items() if split_key(k, attention)[0] in names}
     assert set(back) == set(converted) == set(sd), set(back) ^ set(converted)
     for key, value in converted.items():
         np.testing.assert_array_equal(back[key], value, err_msg=f"round trip of {key}")
@@ -214,3 +217,105 @@ def test_diffusion_unet_residual_blocks(framework):
                        compare={"layout": "channels_last"} if framework == "nnx" else {})
     assert names["resnets.0.conv_shortcut"] == "resnets/0/conv_shortcut"
     assert names["resnets.1.norm2"] == "resnets/1/norm2"
+
+
+# ------------------------------------------------------------------------------------------- no hand-written step
+
+
+class TorchText(tnn.Module):
+    def __init__(self, vocab=20, d_model=16, nhead=4, dim_feedforward=32, classes=3):
+        super().__init__()
+        self.embed = tnn.Embedding(vocab, d_model)
+        self.layer = tnn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0, batch_first=True)
+        self.head = tnn.Linear(d_model, classes)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_torchvision_vit(framework):
+    """A class token and a position embedding (bare parameters) and nn.MultiheadAttention, as they are."""
+    torch.manual_seed(0)
+    torch_model = torchvision_models().VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                                         hidden_dim=16, mlp_dim=32, num_classes=10)
+    port = (_NNX(twins.NNXViT(nnx.Rngs(0))) if framework == "nnx"
+            else _Equinox(twins.EqxViT(jax.random.key(0)), stateful=False))
+    # images channels-last for NNX; the encoder's (N, tokens, hidden) arrays stay as they are
+    names = check_port(torch_model, port, lambda r: [r.normal(size=(4, 3, 16, 16)).astype(np.float32)],
+                       channels_last=framework == "nnx",
+                       compare={"layout": "channels_last"} if framework == "nnx" else {})
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    assert names[""] == "" and names["encoder"] == "encoder" and names[attention] == "encoder/layers/0/self_attention"
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_text_model_with_embedding_and_attention(framework):
+    torch.manual_seed(0)
+    port = (_NNX(twins.NNXText(nnx.Rngs(0))) if framework == "nnx"
+            else _Equinox(twins.EqxText(jax.random.key(0)), stateful=False))
+    names = check_port(TorchText(), port, lambda r: [r.integers(0, 20, size=(4, 6))], compare={})
+    assert names == {"embed": "embed", "layer.self_attn": "layer/self_attn", "layer.linear1": "layer/linear1",
+                     "layer.linear2": "layer/linear2", "layer.norm1": "layer/norm1", "layer.norm2": "layer/norm2",
+                     "head": "head"}
+
+
+class TorchUNetUp(tnn.Module):
+    """A UNet up block: BatchNorm, a depthwise conv, a square ConvTranspose2d (in == out) and GroupNorm."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.norm = tnn.BatchNorm2d(c)
+        self.depthwise = tnn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.up = tnn.ConvTranspose2d(c, c, 4, stride=2, padding=1)
+        self.out_norm = tnn.GroupNorm(4, c)
+
+    def forward(self, x):
+        return self.out_norm(self.up(tnn.functional.silu(self.depthwise(self.norm(x)))))
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_unet_up_block_with_a_square_conv_transpose(framework):
+    torch.manual_seed(0)
+    port = (_NNX(twins.NNXUNetUp(nnx.Rngs(0))) if framework == "nnx"
+            else _Equinox(twins.EqxUNetUp(jax.random.key(0)), stateful=True))
+    names = check_port(TorchUNetUp(), port, lambda r: [r.normal(size=(4, 16, 8, 8)).astype(np.float32)],
+                       channels_last=framework == "nnx",
+                       compare={"layout": "channels_last"} if framework == "nnx" else {})
+    assert names == {"norm": "norm", "depthwise": "depthwise", "up": "up", "out_norm": "out_norm"}
+    assert names.kinds["up"] == "conv_transpose"
+
+
+def _vit_fault(model, fault):
+    block = model.encoder.layers[0]
+    if fault == "ln_eps":
+        block.ln_1.epsilon = 0.5
+    else:  # one attention projection: the value's kernel
+        block.self_attention.value.kernel[...] = block.self_attention.value.kernel[...] * 1.5
+
+
+@pytest.mark.parametrize("isolated", [False, True], ids=["chained", "isolated"])
+@pytest.mark.parametrize("fault", ["ln_eps", "attention_value", "conv_transpose_kernel"])
+def test_compare_names_the_injected_fault_first(fault, isolated):
+    """In a converted ViT a LayerNorm epsilon or one attention projection, in a UNet up block a ConvTranspose
+    kernel with its in and out axes swapped (the same shape: in == out): compare's first failure is that module."""
+    torch.manual_seed(0)
+    if fault == "conv_transpose_kernel":
+        torch_model, model, make = TorchUNetUp(), twins.NNXUNetUp(nnx.Rngs(0)), (4, 16, 8, 8)
+    else:
+        torch_model = torchvision_models().VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                                             hidden_dim=16, mlp_dim=32, num_classes=10)
+        model, make = twins.NNXViT(nnx.Rngs(0)), (4, 3, 16, 16)
+    for p in torch_model.parameters():  # torchvision zero-initializes the head: a fault would not show
+        torch.nn.init.normal_(p, std=0.3)
+    interop.torch_to_nnx({k: v.numpy() for k, v in torch_model.state_dict().items()}, model)
+    if fault == "conv_transpose_kernel":
+        model.up.kernel[...] = jnp.swapaxes(model.up.kernel[...], 2, 3)
+        want = "up"
+    else:
+        _vit_fault(model, fault)
+        want = "encoder.layers.encoder_layer_0." + ("ln_1" if fault == "ln_eps" else "self_attention")
+    x = np.random.default_rng(0).normal(size=make).astype(np.float32)
+    report = interop.compare(torch_model, model, x, layout="channels_last", isolated=isolated,
+                             loss=lambda y: (y * y).sum())
+    assert not report.ok and report.first.module == want, report

@@ -43,10 +43,11 @@ def torchvision_models():
         pytest.skip(f"{error}")
 
 
-def assert_close(actual, expected, what: str) -> None:
-    """|actual - expected| <= atol * max|expected| + rtol * |expected|, per array (scale-aware float32 bound)."""
+def assert_close(actual, expected, what: str, scale: float | None = None) -> None:
+    """|actual - expected| <= atol * scale + rtol * |expected|, ``scale`` max|expected| unless given (a gradient's
+    is its module's largest: a key projection's bias has a gradient of zero but for rounding)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = max(float(np.abs(expected).max()), 1e-30)
+    scale = max(float(np.abs(expected).max()) if scale is None else scale, 1e-30)
     np.testing.assert_allclose(actual, expected, rtol=MODEL_TOL["rtol"], atol=MODEL_TOL["atol"] * scale,
                                err_msg=what)
 
@@ -147,8 +148,12 @@ def check_port(torch_model, flax_model, make_inputs, *, channels_last_inputs=(),
     t_grads = interop.torch_to_flax(
         {(rename or {}).get(k, k): p.grad for k, p in torch_model.named_parameters() if (rename or {}).get(k, k) in sd},
         names, kinds=kinds)["params"]
+    module_scale: dict[str, float] = {}
     for path, g in walk(t_grads):
-        assert_close(get_path(grads, path), g, f"gradient of {path}")
+        module = path.rpartition("/")[0]
+        module_scale[module] = max(module_scale.get(module, 0.0), float(np.abs(np.asarray(g)).max()))
+    for path, g in walk(t_grads):
+        assert_close(get_path(grads, path), g, f"gradient of {path}", scale=module_scale[path.rpartition("/")[0]])
     if mutable:
         t_stats = interop.torch_to_flax(state_dict(), names, kinds=kinds)["batch_stats"]
         for path, s in walk(t_stats):
@@ -367,3 +372,105 @@ def test_diffusion_unet_residual_blocks():
                        channels_first_output=True)
     assert names["resnets.0.conv_shortcut"] == "FlaxResBlock_0/Conv_2"
     assert names["resnets.1.norm2"] == "FlaxResBlock_1/GroupNorm_1"
+
+
+# ------------------------------------------------------------------------------------------- no hand-written step
+
+
+class FlaxViTBlock(nn.Module):
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = jl.LayerNorm(epsilon=1e-6, name="ln_1")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="self_attention")(h)
+        h = jl.LayerNorm(epsilon=1e-6, name="ln_2")(x)
+        h = nn.Dense(self.mlp, name="mlp_0")(h)
+        return x + nn.Dense(x.shape[-1], name="mlp_3")(nn.gelu(h, approximate=False))
+
+
+class FlaxViTEncoder(nn.Module):
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + self.param("pos_embedding", nn.initializers.zeros, (1, *x.shape[1:]), jnp.float32)
+        x = FlaxViTBlock(self.heads, self.mlp, name="layers_0")(x)
+        return jl.LayerNorm(epsilon=1e-6, name="ln")(x)
+
+
+class FlaxViT(nn.Module):
+    """torchvision.models.VisionTransformer for NHWC images: a class token, a position embedding, attention."""
+
+    patch: int = 8
+    hidden: int = 16
+    heads: int = 2
+    mlp: int = 32
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden), jnp.float32)
+        x = nn.Conv(self.hidden, (self.patch, self.patch), self.patch, padding="VALID", name="conv_proj")(x)
+        x = x.reshape(x.shape[0], -1, self.hidden)
+        x = jnp.concatenate([jnp.broadcast_to(token, (x.shape[0], 1, self.hidden)), x], 1)
+        x = FlaxViTEncoder(self.heads, self.mlp, name="encoder")(x)
+        return nn.Dense(self.classes, name="head")(x[:, 0])
+
+
+def test_torchvision_vit():
+    """A class token on the root, a position embedding on the encoder, nn.MultiheadAttention: no hand work."""
+    torch.manual_seed(0)
+    torch_model = torchvision_models().VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                                         hidden_dim=16, mlp_dim=32, num_classes=10)
+    names = check_port(torch_model, FlaxViT(), lambda r: [r.normal(size=(4, 3, 16, 16)).astype(np.float32)],
+                       channels_last_inputs=(0,))
+    assert names[""] == "" and names["encoder.layers.encoder_layer_0.self_attention"] == \
+        "encoder/layers_0/self_attention"
+
+
+class FlaxText(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        x = nn.Embed(20, 16, name="embed")(tokens)
+        h = nn.MultiHeadDotProductAttention(num_heads=4, name="self_attn")(x)
+        linear1, linear2 = nn.Dense(32, name="linear1"), nn.Dense(16, name="linear2")
+        norm1, norm2 = jl.LayerNorm(name="norm1"), jl.LayerNorm(name="norm2")
+        x = norm1(x + h)
+        x = norm2(x + linear2(nn.relu(linear1(x))))
+        return nn.Dense(3, name="head")(x.mean(1))
+
+
+def test_text_model_with_embedding_and_attention():
+    from tests.test_model_ports import TorchText
+
+    torch.manual_seed(0)
+    names = check_port(TorchText(), FlaxText(), lambda r: [r.integers(0, 20, size=(4, 6))])
+    assert names == {"embed": "embed", "layer.self_attn": "self_attn", "layer.linear1": "linear1",
+                     "layer.linear2": "linear2", "layer.norm1": "norm1", "layer.norm2": "norm2", "head": "head"}
+
+
+class FlaxUNetUp(nn.Module):
+    transpose_kernel: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = jl.BatchNorm(use_running_average=not train, name="norm")(x)
+        x = nn.Conv(16, (3, 3), padding=1, feature_group_count=16, name="depthwise")(x)
+        x = nn.ConvTranspose(16, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                             transpose_kernel=self.transpose_kernel, name="up")(nn.silu(x))
+        return jl.GroupNorm(num_groups=4, name="out_norm")(x)
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_unet_up_block_with_a_square_conv_transpose(transpose_kernel):
+    """BatchNorm, a depthwise conv, ConvTranspose2d(16, 16, 4, stride=2, padding=1) in either Flax convention."""
+    from tests.test_model_ports import TorchUNetUp
+
+    torch.manual_seed(0)
+    names = check_port(TorchUNetUp(), FlaxUNetUp(transpose_kernel),
+                       lambda r: [r.normal(size=(4, 16, 8, 8)).astype(np.float32)], channels_last_inputs=(0,),
+                       channels_first_output=True)
+    assert names.kinds["up"] == ("conv_transpose:transpose_kernel" if transpose_kernel else "conv_transpose")

@@ -410,3 +410,211 @@ class EqxNet(eqx.Module):
         x, state = self.bn(self.conv1(x), state)
         x = jax.nn.relu(self.gn(self.conv2(jax.nn.relu(x))))
         return self.fc2(jax.nn.relu(self.ln(self.fc1(x.reshape(-1))))), state
+
+
+# ------------------------------------------------------------------------------------------- a small ViT
+# torchvision's VisionTransformer: a class token on the root, a position embedding on the encoder, and
+# nn.MultiheadAttention; converted with no hand-written step (bare parameters pair by name)
+
+
+class NNXViTBlock(nnx.Module):
+    def __init__(self, hidden, heads, mlp, rngs):
+        self.ln_1 = jn.LayerNorm(hidden, epsilon=1e-6, rngs=rngs)
+        self.self_attention = nnx.MultiHeadAttention(heads, hidden, decode=False, rngs=rngs)
+        self.ln_2 = jn.LayerNorm(hidden, epsilon=1e-6, rngs=rngs)
+        self.mlp = nnx.List([nnx.Linear(hidden, mlp, rngs=rngs), nnx.Linear(mlp, hidden, rngs=rngs)])
+
+    def __call__(self, x):
+        x = x + self.self_attention(self.ln_1(x))
+        return x + self.mlp[1](jax.nn.gelu(self.mlp[0](self.ln_2(x)), approximate=False))
+
+
+class NNXViTEncoder(nnx.Module):
+    def __init__(self, tokens, hidden, heads, mlp, rngs):
+        self.pos_embedding = nnx.Param(jnp.zeros((1, tokens, hidden), jnp.float32))
+        self.layers = nnx.List([NNXViTBlock(hidden, heads, mlp, rngs)])
+        self.ln = jn.LayerNorm(hidden, epsilon=1e-6, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.pos_embedding[...]
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln(x)
+
+
+class NNXViTHeads(nnx.Module):
+    def __init__(self, hidden, classes, rngs):
+        self.head = nnx.Linear(hidden, classes, rngs=rngs)
+
+
+class NNXViT(nnx.Module):
+    """torchvision.models.VisionTransformer for NHWC images."""
+
+    def __init__(self, rngs, image=16, patch=8, hidden=16, heads=2, mlp=32, classes=10):
+        self.class_token = nnx.Param(jnp.zeros((1, 1, hidden), jnp.float32))
+        self.conv_proj = nnx.Conv(3, hidden, (patch, patch), strides=patch, padding="VALID", rngs=rngs)
+        self.encoder = NNXViTEncoder((image // patch) ** 2 + 1, hidden, heads, mlp, rngs)
+        self.heads = NNXViTHeads(hidden, classes, rngs)
+
+    def __call__(self, x):
+        x = self.conv_proj(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, patches, hidden), patches row by row as torch's
+        token = jnp.broadcast_to(self.class_token[...], (x.shape[0], 1, x.shape[-1]))
+        return self.heads.head(self.encoder(jnp.concatenate([token, x], 1))[:, 0])
+
+
+class EqxViTBlock(eqx.Module):
+    ln_1: je.LayerNorm
+    self_attention: eqx.nn.MultiheadAttention
+    ln_2: je.LayerNorm
+    mlp: list
+
+    def __init__(self, hidden, heads, mlp, key):
+        k = _keys(key, 3)
+        self.ln_1, self.ln_2 = je.LayerNorm(hidden, eps=1e-6), je.LayerNorm(hidden, eps=1e-6)
+        self.self_attention = eqx.nn.MultiheadAttention(heads, hidden, use_query_bias=True, use_key_bias=True,
+                                                        use_value_bias=True, use_output_bias=True, key=k[0])
+        self.mlp = [eqx.nn.Linear(hidden, mlp, key=k[1]), eqx.nn.Linear(mlp, hidden, key=k[2])]
+
+    def __call__(self, x):  # (tokens, hidden)
+        h = self.ln_1(x)
+        x = x + self.self_attention(h, h, h)
+        return x + _per_position(self.mlp[1], jax.nn.gelu(_per_position(self.mlp[0], self.ln_2(x)), approximate=False))
+
+
+class EqxViTEncoder(eqx.Module):
+    pos_embedding: jax.Array
+    layers: list
+    ln: je.LayerNorm
+
+    def __init__(self, tokens, hidden, heads, mlp, key):
+        self.pos_embedding = jnp.zeros((1, tokens, hidden), jnp.float32)
+        self.layers = [EqxViTBlock(hidden, heads, mlp, key)]
+        self.ln = je.LayerNorm(hidden, eps=1e-6)
+
+    def __call__(self, x):
+        x = x + self.pos_embedding[0]
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln(x)
+
+
+class EqxViTHeads(eqx.Module):
+    head: eqx.nn.Linear
+
+
+class EqxViT(eqx.Module):
+    """torchvision.models.VisionTransformer for one (3, H, W) image."""
+
+    class_token: jax.Array
+    conv_proj: eqx.nn.Conv2d
+    encoder: EqxViTEncoder
+    heads: EqxViTHeads
+
+    def __init__(self, key, image=16, patch=8, hidden=16, heads=2, mlp=32, classes=10):
+        k = _keys(key, 3)
+        self.class_token = jnp.zeros((1, 1, hidden), jnp.float32)
+        self.conv_proj = eqx.nn.Conv2d(3, hidden, patch, stride=patch, key=k[0])
+        self.encoder = EqxViTEncoder((image // patch) ** 2 + 1, hidden, heads, mlp, k[1])
+        self.heads = EqxViTHeads(eqx.nn.Linear(hidden, classes, key=k[2]))
+
+    def __call__(self, x):
+        x = self.conv_proj(x)
+        x = x.reshape(x.shape[0], -1).T  # (patches, hidden)
+        x = self.encoder(jnp.concatenate([self.class_token[0], x], 0))
+        return self.heads.head(x[0])
+
+
+# ------------------------------------------------------------------------------------------- a small text model
+# nn.Embedding, a TransformerEncoderLayer with its nn.MultiheadAttention as it is, and a head
+
+
+class NNXTextEncoderLayer(nnx.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, rngs):  # torch's order: self_attn, linear1, linear2, norms
+        self.self_attn = nnx.MultiHeadAttention(nhead, d_model, decode=False, rngs=rngs)
+        self.linear1 = nnx.Linear(d_model, dim_feedforward, rngs=rngs)
+        self.linear2 = nnx.Linear(dim_feedforward, d_model, rngs=rngs)
+        self.norm1, self.norm2 = jn.LayerNorm(d_model, rngs=rngs), jn.LayerNorm(d_model, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.norm1(x + self.self_attn(x))
+        return self.norm2(x + self.linear2(jax.nn.relu(self.linear1(x))))
+
+
+class NNXText(nnx.Module):
+    def __init__(self, rngs, vocab=20, d_model=16, nhead=4, dim_feedforward=32, classes=3):
+        self.embed = nnx.Embed(vocab, d_model, rngs=rngs)
+        self.layer = NNXTextEncoderLayer(d_model, nhead, dim_feedforward, rngs)
+        self.head = nnx.Linear(d_model, classes, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head(self.layer(self.embed(tokens)).mean(1))
+
+
+class EqxTextEncoderLayer(eqx.Module):
+    self_attn: eqx.nn.MultiheadAttention
+    linear1: eqx.nn.Linear
+    linear2: eqx.nn.Linear
+    norm1: je.LayerNorm
+    norm2: je.LayerNorm
+
+    def __init__(self, d_model, nhead, dim_feedforward, key):
+        k = _keys(key, 3)
+        self.self_attn = eqx.nn.MultiheadAttention(nhead, d_model, use_query_bias=True, use_key_bias=True,
+                                                   use_value_bias=True, use_output_bias=True, key=k[0])
+        self.linear1 = eqx.nn.Linear(d_model, dim_feedforward, key=k[1])
+        self.linear2 = eqx.nn.Linear(dim_feedforward, d_model, key=k[2])
+        self.norm1, self.norm2 = je.LayerNorm(d_model), je.LayerNorm(d_model)
+
+    def __call__(self, x):  # (L, d_model)
+        x = self.norm1(x + self.self_attn(x, x, x))
+        return self.norm2(x + _per_position(self.linear2, jax.nn.relu(_per_position(self.linear1, x))))
+
+
+class EqxText(eqx.Module):
+    embed: eqx.nn.Embedding
+    layer: EqxTextEncoderLayer
+    head: eqx.nn.Linear
+
+    def __init__(self, key, vocab=20, d_model=16, nhead=4, dim_feedforward=32, classes=3):
+        k = _keys(key, 3)
+        self.embed = eqx.nn.Embedding(vocab, d_model, key=k[0])
+        self.layer = EqxTextEncoderLayer(d_model, nhead, dim_feedforward, k[1])
+        self.head = eqx.nn.Linear(d_model, classes, key=k[2])
+
+    def __call__(self, tokens):  # one sequence (L,)
+        return self.head(self.layer(jax.vmap(self.embed)(tokens)).mean(0))
+
+
+# ------------------------------------------------------------------------------------------- a UNet up block
+# BatchNorm, a depthwise conv, a square ConvTranspose2d(16, 16, 4, stride=2, padding=1) and GroupNorm; Flax's
+# padding for torch's (padding p, output_padding q) of a kernel k is (k - 1 - p, k - 1 - p + q) per side
+
+
+class NNXUNetUp(nnx.Module):
+    def __init__(self, rngs, c=16):
+        self.norm = jn.BatchNorm(c, rngs=rngs)
+        self.depthwise = nnx.Conv(c, c, (3, 3), padding=1, feature_group_count=c, rngs=rngs)
+        self.up = nnx.ConvTranspose(c, c, (4, 4), strides=2, padding=((2, 2), (2, 2)), rngs=rngs)
+        self.out_norm = jn.GroupNorm(c, num_groups=4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out_norm(self.up(jax.nn.silu(self.depthwise(self.norm(x)))))
+
+
+class EqxUNetUp(eqx.Module):
+    norm: je.BatchNorm
+    depthwise: eqx.nn.Conv2d
+    up: eqx.nn.ConvTranspose2d
+    out_norm: je.GroupNorm
+
+    def __init__(self, key, c=16):
+        k = _keys(key, 2)
+        self.norm = je.BatchNorm(c, axis_name=AXIS)
+        self.depthwise = eqx.nn.Conv2d(c, c, 3, padding=1, groups=c, key=k[0])
+        self.up = eqx.nn.ConvTranspose2d(c, c, 4, stride=2, padding=1, key=k[1])
+        self.out_norm = je.GroupNorm(4, c)
+
+    def __call__(self, x, state):  # one (C, H, W) example
+        h, state = self.norm(x, state)
+        return self.out_norm(self.up(jax.nn.silu(self.depthwise(h)))), state
