@@ -54,6 +54,8 @@ CORE, FIX, TRANSFORMS = "tests/test_core.py", "tests/test_pytorch_fixtures.py", 
 SHARDING, LOW, VAR_TESTS = "tests/test_sharding.py", "tests/test_low_precision.py", "tests/test_variants.py"
 DROPIN, KERNEL_TESTS = "tests/test_flax_dropin.py", "tests/test_kernels.py"
 COMPARE, COMPARE_TESTS = "jaxnorm/interop/_compare.py", "tests/test_compare.py"
+LEAVES, REPORT = "jaxnorm/interop/_leaves.py", "jaxnorm/interop/_report.py"
+PROBES, RECORD = "jaxnorm/interop/_probes.py", "jaxnorm/interop/_record.py"
 EDGE = "tests/test_pytorch_edge_cases.py"
 
 MUTATIONS = [
@@ -182,18 +184,18 @@ MUTATIONS = [
       "module.running_var_unbiased = convention.momentum, True",
       "tests/test_equinox.py::test_flax_momentum_and_call_time_inference_equal_the_functional_core"),
     # ---------------------------------------------------------------- interop
-    M("interop: conv kernel axes swapped", INTEROP, "return (*k, 1, 0), ()  # conv, and Flax's",
+    M("interop: conv kernel axes swapped", LEAVES, "return (*k, 1, 0), ()  # conv, and Flax's",
       "return (*k, 0, 1), ()  # conv, and Flax's", "tests/test_interop.py"),
-    M("interop: dense kernel not transposed", INTEROP, "        return (1, 0), ()", "        return (0, 1), ()",
+    M("interop: dense kernel not transposed", LEAVES, "        return (1, 0), ()", "        return (0, 1), ()",
       "tests/test_interop.py"),
-    M("interop: ConvTranspose kernel not flipped", INTEROP, "return (*k, 0, 1), tuple(range(ndim - 2))",
+    M("interop: ConvTranspose kernel not flipped", LEAVES, "return (*k, 0, 1), tuple(range(ndim - 2))",
       "return (*k, 0, 1), ()", "tests/test_interop_kinds.py"),
-    M("interop: attention heads and head size swapped", INTEROP,
+    M("interop: attention heads and head size swapped", LEAVES,
       "w if style == \"equinox\" else np.ascontiguousarray(w.T).reshape(w.shape[1], heads, -1))",
       "w if style == \"equinox\" else np.ascontiguousarray(w.T).reshape(w.shape[1], -1, heads))",
       "tests/test_interop_kinds.py"),
     M("interop: bare parameters read as a norm layer", INTEROP,
-      'if not set(shapes) & ({"weight", "bias"} | set(_RUNNING) | set(ATTENTION_LEAVES)):', "if False:",
+      'if not set(shapes) & ({"weight", "bias"} | set(RUNNING) | set(ATTENTION_LEAVES)):', "if False:",
       "tests/test_interop_kinds.py"),
     M("interop: the JAX module's kind ignored", INTEROP, "if not given and LOOKS_LIKE.get(jax_kind) == kind:",
       "if False:", "tests/test_interop_kinds.py"),
@@ -205,19 +207,19 @@ MUTATIONS = [
     M("interop: NNX modules in nnx.state's alphabetical order", "jaxnorm/interop/_nnx.py",
       "for p in sorted(modules, key=lambda p: _declaration_key(model, p))}", "for p in sorted(modules)}",
       "tests/test_interop.py::test_nnx_pairs_by_assignment_order_and_round_trips_exactly"),
-    M("interop: Equinox conv bias kept 1-D", INTEROP,
+    M("interop: Equinox conv bias kept 1-D", LEAVES,
       'out[leaf] = value.reshape(_conv_bias_shape(value.shape[0], leaves["weight"].ndim))', "out[leaf] = value",
       "tests/test_interop_equinox.py::test_equinox_pairs_by_field_order_and_round_trips_exactly"),
-    M("compare: gradients ranked with the outputs", COMPARE, '"stats": 1, "grads": 2}[phase]',
-      '"stats": 1, "grads": 0}[phase]',
+    M("compare: gradients ranked with the outputs", REPORT, '"stats": 1, "grads": 2}[kind]',
+      '"stats": 1, "grads": 0}[kind]',
       f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[nnx-ln_eps]"),
-    M("compare: isolated mode feeds the chained input", COMPARE,
+    M("compare: isolated mode feeds the chained input", PROBES,
       "replaced[i] = jnp.asarray(value, dtype=jnp.result_type(args[i]))", "replaced[i] = args[i]",
       f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[equinox-groups]"),
-    M("compare: the torch model keeps the training batch's statistics", COMPARE,
+    M("compare: the torch model keeps the training batch's statistics", RECORD,
       "torch_model.load_state_dict(before)", "pass",
       f"{COMPARE_TESTS}::test_a_correct_port_is_within_tolerance[linen]"),
-    M("compare: count not compared", COMPARE, "ok=bool(np.array_equal(a, b)), note=note)", "ok=True, note=note)",
+    M("compare: count not compared", REPORT, "ok=bool(np.array_equal(a, b)), note=note)", "ok=True, note=note)",
       f"{COMPARE_TESTS}::test_an_injected_fault_is_named_first_chained_and_isolated[equinox-missing_count]"),
     # ---------------------------------------------------------------- Pallas kernels (interpret mode)
     M("kernel forward: mean over padded columns", KERNELS, "mean = jnp.sum(x, axis=1) / n_cols",

@@ -407,7 +407,8 @@ def test_bare_parameters_pair_by_name():
 
 
 def test_compare_options_match_module_prefixes_and_leave_token_arrays_alone():
-    from jaxnorm.interop._compare import _by_prefix, _layout_fn, _renamed
+    from jaxnorm.interop._compare import _by_prefix, _layout_fn
+    from jaxnorm.interop._record import renamed as _renamed
 
     table = {"encoder": 1, "encoder.layers.0": 2}
     assert [_by_prefix(table, p, 0) for p in ("encoder.layers.0.ln", "encoder.layers.01", "encoder", "encoders")] \
@@ -430,3 +431,31 @@ def test_a_module_torch_never_called_ranks_after_the_modules_that_ran():
                     order=["encoder", "head"], framework="linen", isolated=False, names={})
     # gradients in backward order (head before encoder), the module that never ran last
     assert [r.module for r in report.failures] == ["head", "encoder", "never_called"]
+
+
+def test_a_paired_module_torch_never_calls_is_reported_as_such():
+    """A Linear whose weight its parent uses with F.linear: no output row to compare, a note that says why."""
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.proj.weight, self.proj.bias) * 2
+
+    class Port(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="proj")(x) * 2
+
+    torch.manual_seed(0)
+    net = Parent()
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    names = interop.derive_names({k: v.numpy() for k, v in net.state_dict().items()}, Port(), jnp.asarray(x))
+    variables = interop.torch_to_flax({k: v.numpy() for k, v in net.state_dict().items()}, names)
+    report = interop.compare(net, Port(), x, variables=variables, loss=lambda y: (y * y).sum())
+    report.assert_close()
+    skipped = [r for r in report.rows if r.module == "proj" and r.quantity == "output"]
+    assert skipped and all(r.skipped and "never called" in r.note for r in skipped)
+    assert "n/a (never called)" in report.table()
+    assert any(r.module == "proj" and r.quantity == "grad weight" and r.ok for r in report.rows)

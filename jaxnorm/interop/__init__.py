@@ -35,11 +35,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxnorm.interop._compare import Recording, Report, Row, compare, compare_fixture, record_torch
+from jaxnorm.interop._compare import compare, compare_fixture
 from jaxnorm.interop._equinox import derive_equinox, equinox_to_torch, torch_to_equinox
 from jaxnorm.interop._linen import derive_linen, flax_to_torch, torch_to_flax
 from jaxnorm.interop._nnx import derive_nnx, nnx_to_torch, torch_to_nnx
 from jaxnorm.interop._pairing import Names, torch_kinds
+from jaxnorm.interop._record import Recording, record_torch
+from jaxnorm.interop._report import Report, Row
 
 
 def framework(model: Any) -> str:

@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxnorm.interop import _leaves as layouts
 from jaxnorm.interop import _pairing as pairing
+from jaxnorm.interop._probes import Probes, active, probe
+from jaxnorm.interop._record import first_tensor
 
 Step = tuple[str, Any]  # ("attr", field name) or ("item", index or key)
 
@@ -91,14 +94,14 @@ def module_leaves(module: Any, state: Any, kind: str | None = None) -> dict[str,
     if kind == "params":
         return _bare_arrays(module)
     if isinstance(module, eqx.nn.MultiheadAttention):  # its four projections, as one module (torch's)
-        return {f"{p}/{k}": getattr(getattr(module, p), k) for p in pairing.PROJECTIONS["equinox"]
+        return {f"{p}/{k}": getattr(getattr(module, p), k) for p in layouts.PROJECTIONS["equinox"]
                 for k in ("weight", "bias") if getattr(getattr(module, p), k, None) is not None}
     leaves = {k: getattr(module, k) for k in ("weight", "bias") if getattr(module, k, None) is not None}
     index = getattr(module, "state_index", None)
     if index is not None:  # without a state, the initial values the index keeps (if it still does)
         stats = state.get(index) if state is not None else getattr(index, "init", None)
         if isinstance(stats, Mapping):
-            leaves.update({k: v for k, v in stats.items() if k in pairing.STATS})
+            leaves.update({k: v for k, v in stats.items() if k in layouts.STATS})
     return leaves
 
 
@@ -153,16 +156,17 @@ def torch_to_equinox(state_dict: Mapping[str, Any], model: Any, state: Any = Non
         pairing.check_leaves(prefix, kind, leaves, "torch_to_equinox")
         module = resolve(model, steps[names[prefix]])
         old = module_leaves(module, state, kind)
-        new = {k: jnp.asarray(v, dtype=old[k].dtype) for k, v in pairing.module_to_jax(kind, leaves, "equinox").items()}
+        converted = layouts.module_to_jax(kind, leaves, "equinox")
+        new = {k: jnp.asarray(v, dtype=old[k].dtype) for k, v in converted.items()}
         for name, value in new.items():
             if name not in old or np.shape(old[name]) != value.shape:
                 raise ValueError(f"torch_to_equinox: {prefix} -> {names[prefix]}/{name}: the state_dict gives shape "
                                  f"{value.shape}, the model holds {np.shape(old[name]) if name in old else 'nothing'}.")
         for name in new:
-            if name not in pairing.STATS:
+            if name not in layouts.STATS:
                 wheres.append((steps[names[prefix]], name))
                 values.append(new[name])
-        stats = {k: v for k, v in new.items() if k in pairing.STATS}
+        stats = {k: v for k, v in new.items() if k in layouts.STATS}
         if stats:
             state = state.set(module.state_index, {**state.get(module.state_index), **stats})
     model = eqx.tree_at(lambda m: [_leaf(resolve(m, where), name) for where, name in wheres], model, values)
@@ -181,9 +185,72 @@ def equinox_to_torch(model: Any, state: Any, names: Mapping[str, str], *,
                            f"{prefix!r}).")
         leaves = module_leaves(resolve(model, steps[path]), state, jax_kinds[path])
         if state is None:
-            leaves = {k: v for k, v in leaves.items() if k not in pairing.STATS}
+            leaves = {k: v for k, v in leaves.items() if k not in layouts.STATS}
         given = pairing.given_kinds(names, kinds)
         kind = pairing.resolve_kind(given.get(prefix, jax_kinds[path]), jax_kinds[path], prefix in given)
-        for leaf, value in pairing.module_to_torch(kind, leaves, "equinox").items():
+        for leaf, value in layouts.module_to_torch(kind, leaves, "equinox").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------- compare's runner
+
+
+class EquinoxRunner:
+    def __init__(self, model: Any, state: Any, axis_name: Any):
+        self.model, self.state, self.axis_name = model, state, axis_name
+
+    def derive(self, state_dict, inputs, names, kinds):
+        return derive_equinox(state_dict, self.model, self.state, names=names, kinds=kinds,
+                                       lenient=True)
+
+    def _call(self, model, inputs, state):
+        out = model(*inputs, state) if state is not None else model(*inputs)
+        return out if state is not None else (out, None)
+
+    def run(self, inputs, train, paths, isolated):
+        import equinox as eqx
+        import jax
+
+        model = eqx.nn.inference_mode(self.model, value=not train)
+        _, _, steps = equinox_modules(model, self.state)
+        # deepest first: a module with bare parameters (probed) holds probed submodules
+        probed = model
+        for depth in sorted({len(steps[p]) for p in paths}, reverse=True):
+            level = [p for p in paths if len(steps[p]) == depth]
+            probed = eqx.tree_at(lambda m, level=level: [resolve(m, steps[p]) for p in level], probed,
+                                 [probe(resolve(probed, steps[p]), p) for p in level])
+
+        nested: set[str] = set()
+
+        @eqx.filter_jit
+        def forward(probed, state, inputs, isolated):
+            def one(inputs, isolated):
+                probes = Probes(paths, isolated, nested)
+                with active(probes):
+                    y, new = self._call(probed, inputs, state)
+                return y, probes.records, new
+
+            return jax.vmap(one, in_axes=(0, 0), out_axes=(0, 0, None), axis_name=self.axis_name)(inputs, isolated)
+
+        y, records, new = forward(probed, self.state, inputs, isolated)
+        return y, records, (model, new), nested
+
+    def to_torch(self, after, names, kinds):
+        model, state = after
+        return equinox_to_torch(model, state, names, kinds=kinds)
+
+    def grads(self, inputs, loss, names, kinds):
+        import equinox as eqx
+        import jax
+
+        model = eqx.nn.inference_mode(self.model, value=False)
+
+        @eqx.filter_jit
+        @eqx.filter_grad
+        def objective(model, state, inputs):
+            run = lambda inputs: self._call(model, inputs, state)
+            y, _ = jax.vmap(run, out_axes=(0, None), axis_name=self.axis_name)(inputs)
+            return loss(first_tensor(y))
+
+        return equinox_to_torch(objective(model, self.state, inputs), None, names, kinds=kinds)

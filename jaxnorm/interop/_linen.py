@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 
 from jaxnorm._tree import get_path, set_path
+from jaxnorm.interop import _leaves as layouts
 from jaxnorm.interop import _pairing as pairing
+from jaxnorm.interop._probes import Probes, flag_kwargs, has_path
+from jaxnorm.interop._record import first_tensor
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
@@ -27,8 +30,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], names: Mapping[str, str], *,
     for prefix, leaves in pairing.group(state_dict, names, "torch_to_flax").items():
         kind = pairing.torch_kind(prefix, {k: v.shape for k, v in leaves.items()}, kinds)
         pairing.check_leaves(prefix, kind, leaves, "torch_to_flax")
-        for name, value in pairing.module_to_jax(kind, leaves, "flax").items():
-            collection = "batch_stats" if name in pairing.STATS else "params"
+        for name, value in layouts.module_to_jax(kind, leaves, "flax").items():
+            collection = "batch_stats" if name in layouts.STATS else "params"
             set_path(out[collection], f"{names[prefix]}/{name}" if names[prefix] else name, value)
     return {k: v for k, v in out.items() if v}
 
@@ -54,7 +57,7 @@ def flax_to_torch(variables: Mapping[str, Any], names: Mapping[str, str], *,
                                          {k: np.shape(v) for k, v in direct.items()}))
         # a module's own variables; an attention's are its projections' (query/kernel, ...)
         leaves = {k: v for k, v in own.items() if "/" in k} if kind.startswith("attention") else direct
-        for leaf, value in pairing.module_to_torch(kind, leaves, "flax").items():
+        for leaf, value in layouts.module_to_torch(kind, leaves, "flax").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out
 
@@ -136,3 +139,61 @@ def derive_linen(state_dict: Mapping[str, Any], model: Any, args: tuple, init_kw
     modules, jax_kinds = flax_modules(model, args, init_kwargs)
     return pairing.pair(pairing.torch_modules(state_dict), modules, jax_kinds, fixed=dict(names or {}),
                         kinds=dict(kinds or {}), style="flax", framework="Flax", who="derive_names", lenient=lenient)
+
+
+# ------------------------------------------------------------------------------------------- compare's runner
+
+
+class LinenRunner:
+    def __init__(self, model: Any, variables: Any, eval_kwargs: Mapping | None, train_kwargs: Mapping | None):
+        import jax
+
+        if variables is None:
+            raise TypeError("compare: a linen model needs its variables: compare(..., variables=variables).")
+        self.model, self.variables = model, jax.tree.map(np.asarray, dict(variables))
+        self.kwargs = {False: dict(eval_kwargs if eval_kwargs is not None else flag_kwargs(model.__call__, False)),
+                       True: dict(train_kwargs if train_kwargs is not None else flag_kwargs(model.__call__, True))}
+
+    def derive(self, state_dict, inputs, names, kinds):
+        return derive_linen(state_dict, self.model, tuple(inputs), self.kwargs[False], names=names,
+                                   kinds=kinds, lenient=True)
+
+    def run(self, inputs, train, paths, isolated):
+        import flax.linen as nn
+        import jax
+
+        nested: set[str] = set()
+
+        def forward(variables, inputs, isolated):
+            probes = Probes(paths, isolated, nested)
+
+            def intercept(next_fun, args, kwargs, context):
+                path = "/".join(context.module.path)
+                if context.method_name != "__call__" or path not in probes.records:
+                    return next_fun(*args, **kwargs)
+                return probes.call(path, next_fun, args, kwargs)
+
+            with nn.intercept_methods(intercept):
+                if train:
+                    y, updates = self.model.apply(variables, *inputs, **self.kwargs[True], mutable=["batch_stats"])
+                else:
+                    y, updates = self.model.apply(variables, *inputs, **self.kwargs[False]), {}
+            return y, probes.records, {**variables, **updates}
+
+        y, records, after = jax.jit(forward)(self.variables, inputs, isolated)
+        return y, records, after, nested
+
+    def to_torch(self, after, names, kinds):
+        return flax_to_torch(after, names, kinds=kinds)
+
+    def grads(self, inputs, loss, names, kinds):
+        import jax
+
+        def objective(params):
+            y, _ = self.model.apply({**self.variables, "params": params}, *inputs, **self.kwargs[True],
+                                    mutable=["batch_stats"])
+            return loss(first_tensor(y))
+
+        grads = jax.jit(jax.grad(objective))(self.variables["params"])
+        with_grads = pairing.Names({p: n for p, n in names.items() if has_path(grads, n)}, getattr(names, "kinds", {}))
+        return flax_to_torch({"params": grads}, with_grads, kinds=kinds)

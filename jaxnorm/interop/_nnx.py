@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxnorm.interop import _leaves as layouts
 from jaxnorm.interop import _pairing as pairing
+from jaxnorm.interop._probes import Probes, wrapped_calls
+from jaxnorm.interop._record import first_tensor
 
 
 def _child(parent: Any, key: Any) -> Any:
@@ -109,7 +112,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: Any, names: Mapping[str, 
         node = pure
         for step in tuples[names[prefix]]:
             node = node[step]
-        for name, value in pairing.module_to_jax(kind, leaves, "flax").items():
+        for name, value in layouts.module_to_jax(kind, leaves, "flax").items():
             *inner, leaf = name.split("/")  # an attention's query/kernel: its submodule's variable
             target = node
             for step in inner:
@@ -146,6 +149,60 @@ def nnx_to_torch(model: Any, names: Mapping[str, str], *, kinds: Mapping[str, st
                 continue  # e.g. a gradient state: a module without parameters has none
             raise KeyError(f"nnx_to_torch: no convertible variables at NNX path {path!r} (torch module {prefix!r}).")
         kind = pairing.resolve_kind(given.get(prefix, jax_kinds[path]), jax_kinds[path], prefix in given)
-        for leaf, value in pairing.module_to_torch(kind, leaves[path], "flax").items():
+        for leaf, value in layouts.module_to_torch(kind, leaves[path], "flax").items():
             out[f"{prefix}.{leaf}" if prefix else leaf] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------- compare's runner
+
+
+class NNXRunner:
+    def __init__(self, model: Any):
+        self.model = model
+
+    def derive(self, state_dict, inputs, names, kinds):
+        return derive_nnx(state_dict, self.model, names=names, kinds=kinds, lenient=True)
+
+    def _set_mode(self, module: Any, train: bool) -> None:
+        module.train() if train else module.eval()
+
+    def run(self, inputs, train, paths, isolated):
+        import jax
+        from flax import nnx
+
+        graphdef, state = nnx.split(self.model)
+        wanted, nested = set(paths), set()
+
+        def forward(state, inputs, isolated):
+            module = nnx.merge(graphdef, state)
+            self._set_mode(module, train)
+            objects = {path_name(p): m for p, m in nnx.iter_modules(module) if path_name(p) in wanted}
+            targets = {id(m): path for path, m in objects.items()}
+            probes, active = Probes(paths, isolated, nested), set()
+
+            def hook(obj, original, args, kwargs):
+                if id(obj) not in targets or id(obj) in active:
+                    return original(obj, *args, **kwargs)
+                active.add(id(obj))
+                try:
+                    return probes.call(targets[id(obj)], lambda *a, **k: original(obj, *a, **k), args, kwargs)
+                finally:
+                    active.discard(id(obj))
+
+            with wrapped_calls({type(m) for m in objects.values()}, hook):
+                y = module(*inputs)
+            return y, probes.records, nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))
+
+        return (*jax.jit(forward)(state, inputs, isolated), nested)
+
+    def to_torch(self, after, names, kinds):
+        return nnx_to_torch(self.model, names, kinds=kinds, state=after)
+
+    def grads(self, inputs, loss, names, kinds):
+        from flax import nnx
+
+        module = nnx.clone(self.model)  # the copy's running statistics move; the model's do not
+        self._set_mode(module, True)
+        grads = nnx.jit(nnx.grad(lambda module: loss(first_tensor(module(*inputs)))))(module)
+        return nnx_to_torch(self.model, names, kinds=kinds, state=grads)
