@@ -14,11 +14,10 @@ import numpy as np
 STATS = ("mean", "var", "count")  # the JAX names that are running statistics, not parameters
 _NORM_JAX = {"flax": {"weight": "scale", "bias": "bias"}, "equinox": {"weight": "weight", "bias": "bias"}}
 RUNNING = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "count"}
-# torch.nn.MultiheadAttention's leaves (its out_proj's folded in: see split_key); a Flax attention's kind is
-# "attention:H", its number of heads, which its kernels (E, H, D) need and torch's (3E, E) do not say
+# torch.nn.MultiheadAttention's leaves (its out_proj's folded in: see _pairing.split_key); a Flax attention's kind
+# is "attention:H", its number of heads, which its kernels (E, H, D) need and torch's (3E, E) do not say
 ATTENTION_LEAVES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                     "out_proj.weight", "out_proj.bias")
-# the kinds a state_dict's shapes read as another: the JAX module (or kinds=) decides
 
 
 def norm_names(style: str) -> dict[str, str]:

@@ -1,10 +1,7 @@
-"""What every converter shares: a state_dict read module by module, a module's kind, the torch <-> JAX layouts of
-its leaves, and the pairing of torch modules with JAX modules by order, with the checks that name the first
-module that does not match.
+"""What every converter shares: a state_dict read module by module, a module's kind, and the pairing of torch
+modules with JAX modules by order, with the checks that name the first module that does not match.
 
-Two leaf styles: ``"flax"`` (linen and NNX: ``kernel`` as ``(in, out)`` or ``(*k, in, out)``, ``scale``,
-``embedding``) and ``"equinox"`` (torch's own layouts and names: ``weight`` as ``(out, in)`` or ``(out, in, *k)``,
-a conv bias of shape ``(out, 1, ..., 1)``). Running statistics are ``mean``/``var``/``count`` in both.
+The layouts of each kind's leaves, in the two styles (``"flax"``, ``"equinox"``), are in ``jaxnorm.interop._leaves``.
 
 A state_dict's shapes cannot tell a ``ConvTranspose`` weight ``(in, out, *k)`` from a ``Conv`` weight
 ``(out, in, *k)``, nor an ``Embedding`` from a ``Linear``: the JAX module that a torch module pairs with says which
@@ -24,6 +21,7 @@ FLAX_TRANSPOSED = "conv_transpose:transpose_kernel"  # Flax's ConvTranspose(tran
 # "params": a module's bare parameters (a ViT's class token, ConvNeXt's layer scale), paired by name, as they are
 KINDS = ("norm", "linear", "conv", "conv_transpose", "embedding", "attention", "params", FLAX_TRANSPOSED)
 LAYER_VARIABLES = {"kernel", "embedding", "scale", "bias", "mean", "var", "count", "query/kernel"}  # JAX's
+# the kinds a state_dict's shapes read as another: the JAX module (or kinds=) decides
 LOOKS_LIKE = {"conv_transpose": "conv", FLAX_TRANSPOSED: "conv", "embedding": "linear"}
 
 
