@@ -316,6 +316,6 @@ def test_compare_names_the_injected_fault_first(fault, isolated):
         _vit_fault(model, fault)
         want = "encoder.layers.encoder_layer_0." + ("ln_1" if fault == "ln_eps" else "self_attention")
     x = np.random.default_rng(0).normal(size=make).astype(np.float32)
-    report = interop.compare(torch_model, model, x, layout="channels_last", isolated=isolated,
-                             loss=lambda y: (y * y).sum())
+    # eval mode shows each of these faults where it is; one program per run keeps the tier fast
+    report = interop.compare(torch_model, model, x, layout="channels_last", isolated=isolated, modes=("eval",))
     assert not report.ok and report.first.module == want, report
