@@ -52,9 +52,9 @@ def flax_to_torch(variables: Mapping[str, Any], names: Mapping[str, str], *,
         if not own:
             raise KeyError(f"flax_to_torch: no variables at Flax path {path!r} (torch module {prefix!r}).")
         direct = {k: v for k, v in own.items() if "/" not in k}  # not its submodules'
-        kind = kinds.get(prefix) or (f"attention:{np.shape(own['query/kernel'])[1]}" if not direct and
-                                     "query/kernel" in own else pairing.flax_variables_kind(
-                                         {k: np.shape(v) for k, v in direct.items()}))
+        shapes = {k: np.shape(v) for k, v in own.items()}
+        kind = kinds.get(prefix) or (pairing.attention_kind(shapes) if not direct and "query/kernel" in own
+                                     else pairing.flax_variables_kind({k: shapes[k] for k in direct}))
         # a module's own variables; an attention's are its projections' (query/kernel, ...)
         leaves = {k: v for k, v in own.items() if "/" in k} if kind.startswith("attention") else direct
         for leaf, value in layouts.module_to_torch(kind, leaves, "flax").items():
@@ -129,7 +129,7 @@ def _kind(module: Any, variables: Mapping[str, tuple[int, ...]]) -> str:
     if isinstance(module, nn.Embed):
         return "embedding"
     if isinstance(module, nn.MultiHeadDotProductAttention):
-        return f"attention:{variables['query/kernel'][1]}"  # its heads: (E, H, D)
+        return pairing.attention_kind(variables)
     return pairing.flax_variables_kind(variables)
 
 

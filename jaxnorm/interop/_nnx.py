@@ -74,7 +74,7 @@ def module_kinds(model: Any, modules: Mapping[str, Mapping[str, tuple[int, ...]]
         if isinstance(module, nnx.Embed):
             return "embedding"
         if isinstance(module, nnx.MultiHeadAttention):
-            return f"attention:{modules[path]['query/kernel'][1]}"  # its heads: (E, H, D)
+            return pairing.attention_kind(modules[path])
         return pairing.flax_variables_kind(modules[path])
 
     return {p: kind(p) for p in modules}

@@ -51,6 +51,11 @@ def flax_variables_kind(variables: Mapping[str, tuple[int, ...]]) -> str:
     return "norm"
 
 
+def attention_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A Flax attention's kind, ``"attention:H"``: its heads, from its query kernel ``(E, H, D)``."""
+    return f"attention:{shapes['query/kernel'][1]}"
+
+
 def torch_kinds(model: Any) -> dict[str, str]:
     """``{prefix: kind}`` for the modules of a torch model whose kind its state_dict's shapes cannot tell: each
     ``ConvTranspose1d/2d/3d`` (``"conv_transpose"``) and ``Embedding`` (``"embedding"``). Pass it as ``kinds=`` to
