@@ -93,6 +93,26 @@ def _exact(back, state_dict):
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+def _port_and_check(framework, model, sd, x, want):
+    """Convert ``sd`` into ``model`` (a linen, NNX or Equinox model of one example), check its output against
+    torch's and the exact way back; returns the names."""
+    if framework == "linen":
+        names = interop.derive_names(sd, model, x)
+        variables = interop.torch_to_flax(sd, names)
+        got, back = model.apply(variables, x), interop.flax_to_torch(variables, names)
+    elif framework == "nnx":
+        model = interop.torch_to_nnx(sd, model)
+        names = interop.derive_names(sd, model)
+        got, back = model(x), interop.nnx_to_torch(model, names)
+    else:
+        model, _ = interop.torch_to_equinox(sd, model)
+        names = interop.derive_names(sd, model)
+        got, back = jax.vmap(model)(x), interop.equinox_to_torch(model, None, names)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _exact(back, sd)
+    return names
+
+
 @pytest.mark.parametrize("transpose_kernel", [False, True])
 def test_linen_conv_transpose_embedding_and_grouped_conv(torch_net, transpose_kernel):
     _, sd, tokens, want = torch_net
@@ -257,20 +277,10 @@ def test_multihead_attention_into_each_frameworks_attention(framework, batch_fir
         want = net(x).numpy()
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
     xj = jnp.asarray(x.numpy())
+    model = {"linen": LinenAttention, "nnx": NNXAttention, "equinox": EquinoxAttention}[framework]()
+    names = _port_and_check(framework, model, sd, xj, want)
     if framework == "linen":
-        model = LinenAttention()
-        names = interop.derive_names(sd, model, xj)
         assert dict(names) == {"attn": "MultiHeadDotProductAttention_0", "head": "Dense_0"}
-        variables = interop.torch_to_flax(sd, names)
-        got, back = model.apply(variables, xj), interop.flax_to_torch(variables, names)
-    elif framework == "nnx":
-        model = interop.torch_to_nnx(sd, NNXAttention())
-        got, back = model(xj), interop.nnx_to_torch(model, interop.derive_names(sd, model))
-    else:
-        model, _ = interop.torch_to_equinox(sd, EquinoxAttention())
-        got, back = jax.vmap(model)(xj), interop.equinox_to_torch(model, None, interop.derive_names(sd, model))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    _exact(back, sd)
 
 
 def test_attention_with_its_own_key_and_value_sizes_round_trips():
@@ -380,19 +390,10 @@ def test_bare_parameters_on_the_root_and_on_submodules(framework):
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
     assert list(sd)[:2] == ["class_token", "encoder.pos_embedding"]
     xj = jnp.asarray(x.numpy())
+    model = {"linen": LinenTokens, "nnx": NNXTokens, "equinox": EquinoxTokens}[framework]()
+    names = _port_and_check(framework, model, sd, xj, want)
     if framework == "linen":
-        names = interop.derive_names(sd, LinenTokens(), xj)
         assert dict(names) == {"": "", "encoder": "encoder", "encoder.norm": "encoder/norm", "head": "head"}
-        variables = interop.torch_to_flax(sd, names)
-        got, back = LinenTokens().apply(variables, xj), interop.flax_to_torch(variables, names)
-    elif framework == "nnx":
-        model = interop.torch_to_nnx(sd, NNXTokens())
-        got, back = model(xj), interop.nnx_to_torch(model, interop.derive_names(sd, model))
-    else:
-        model, _ = interop.torch_to_equinox(sd, EquinoxTokens())
-        got, back = jax.vmap(model)(xj), interop.equinox_to_torch(model, None, interop.derive_names(sd, model))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    _exact(back, sd)
 
 
 def test_bare_parameters_pair_by_name():
